@@ -1,0 +1,138 @@
+// The C API: argument checks, and every exception turned into a status + dsv4_last_error().
+#include "dsv4.h"
+
+#include "error.h"
+#include "model.h"
+
+#include <new>
+
+#ifndef DSV4_VERSION
+#define DSV4_VERSION "unknown"
+#endif
+
+namespace {
+
+template <typename F> dsv4_status guarded(F && fn) {
+    try {
+        fn();
+        dsv4::set_last_error("");
+        return DSV4_OK;
+    } catch (const dsv4::Error & e) {
+        dsv4::set_last_error(e.what());
+        return e.status();
+    } catch (const std::bad_alloc &) {
+        dsv4::set_last_error("out of memory");
+        return DSV4_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception & e) {
+        dsv4::set_last_error(std::string("internal error: ") + e.what());
+        return DSV4_ERR_INTERNAL;
+    } catch (...) {
+        dsv4::set_last_error("internal error: unknown exception");
+        return DSV4_ERR_INTERNAL;
+    }
+}
+
+void require(const void * p, const char * what) {
+    if (p == nullptr) {
+        dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "%s must not be NULL", what);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char * dsv4_version(void) {
+    return "dsv4-ggml " DSV4_VERSION " (ggml " DSV4_GGML_VERSION ")";
+}
+
+const char * dsv4_last_error(void) {
+    return dsv4::last_error();
+}
+
+const char * dsv4_status_name(dsv4_status status) {
+    switch (status) {
+        case DSV4_OK: return "ok";
+        case DSV4_ERR_INVALID_ARGUMENT: return "invalid argument";
+        case DSV4_ERR_IO: return "i/o error";
+        case DSV4_ERR_NOT_GGUF: return "not a GGUF file";
+        case DSV4_ERR_TRUNCATED: return "truncated file";
+        case DSV4_ERR_CORRUPT: return "corrupt file";
+        case DSV4_ERR_WRONG_ARCH: return "wrong architecture";
+        case DSV4_ERR_MISSING_KEY: return "missing metadata key";
+        case DSV4_ERR_BAD_KEY: return "bad metadata value";
+        case DSV4_ERR_MISSING_TENSOR: return "missing tensor";
+        case DSV4_ERR_TENSOR_SHAPE: return "tensor shape mismatch";
+        case DSV4_ERR_TENSOR_TYPE: return "tensor type not allowed";
+        case DSV4_ERR_UNEXPECTED_TENSOR: return "unexpected tensor";
+        case DSV4_ERR_CONTEXT_OVERFLOW: return "context overflow";
+        case DSV4_ERR_BACKEND: return "backend error";
+        case DSV4_ERR_OUT_OF_MEMORY: return "out of memory";
+        case DSV4_ERR_NUMERICS: return "non-finite values";
+        case DSV4_ERR_INTERNAL: return "internal error";
+    }
+    return "unknown status";
+}
+
+bool dsv4_backend_available(int32_t backend) {
+    if (backend == DSV4_BACKEND_CPU) {
+        return true;
+    }
+#ifdef DSV4_WITH_CUDA
+    if (backend == DSV4_BACKEND_CUDA) {
+        return true;
+    }
+#endif
+    return false;
+}
+
+dsv4_model_params dsv4_model_default_params(void) {
+    dsv4_model_params p{};
+    p.backend = DSV4_BACKEND_CPU;
+    p.n_threads = 0;
+    return p;
+}
+
+dsv4_status dsv4_model_open(const char * path, const dsv4_model_params * params, dsv4_model ** out_model) {
+    return guarded([&] {
+        require(path, "path");
+        require(out_model, "out_model");
+        *out_model = nullptr;
+        const dsv4_model_params p = params ? *params : dsv4_model_default_params();
+        *out_model = dsv4::open_model(path, p).release();
+    });
+}
+
+void dsv4_model_free(dsv4_model * model) {
+    delete model;
+}
+
+dsv4_status dsv4_model_get_hparams(const dsv4_model * model, dsv4_hparams * out) {
+    return guarded([&] {
+        require(model, "model");
+        require(out, "out");
+        *out = model->hp;
+    });
+}
+
+dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out) {
+    return guarded([&] {
+        require(model, "model");
+        require(out, "out");
+        *out = int64_t(model->table.size());
+    });
+}
+
+dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out) {
+    return guarded([&] {
+        require(model, "model");
+        require(out, "out");
+        if (index < 0 || index >= int64_t(model->table.size())) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "tensor index %lld is out of range [0, %zu)", (long long) index,
+                       model->table.size());
+        }
+        *out = model->table[size_t(index)];
+    });
+}
+
+}  // extern "C"

@@ -1,0 +1,86 @@
+#include "model.h"
+
+#include "binder.h"
+#include "error.h"
+#include "hparams.h"
+
+namespace dsv4 {
+
+namespace {
+
+void check_architecture(const GgufFile & f) {
+    const GgufValue * v = f.find("general.architecture");
+    if (v == nullptr) {
+        fail(DSV4_ERR_MISSING_KEY, "required metadata key 'general.architecture' is missing");
+    }
+    if (v->type != GgufType::STRING) {
+        fail(DSV4_ERR_BAD_KEY, "metadata key 'general.architecture' has type %s, expected string",
+             gguf_type_name(v->type));
+    }
+    if (v->str != "deepseek4") {
+        std::string arch(v->str.substr(0, 64));
+        fail(DSV4_ERR_WRONG_ARCH, "'%s' is a '%s' model; this engine runs 'deepseek4' (DeepSeek-V4) models",
+             f.path().c_str(), arch.c_str());
+    }
+}
+
+void check_backend(const dsv4_model_params & p) {
+    if (p.backend != DSV4_BACKEND_CPU && p.backend != DSV4_BACKEND_CUDA) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "unknown backend %d", int(p.backend));
+    }
+    if (!dsv4_backend_available(p.backend)) {
+        fail(DSV4_ERR_BACKEND, "this build has no CUDA backend (rebuild with -DDSV4_CUDA=ON)");
+    }
+}
+
+}  // namespace
+
+std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_model_params & params) {
+    check_backend(params);
+    auto m = std::make_unique<dsv4_model>();
+    m->params = params;
+    m->file = GgufFile::open(path);
+    const GgufFile & f = *m->file;
+
+    check_architecture(f);
+    read_hparams(f, m->hp);
+
+    if (m->hp.n_nextn > 0 && f.find_tensor("blk.0.attn_norm.weight") == nullptr) {
+        fail(DSV4_ERR_MISSING_TENSOR,
+             "'%s' holds only the MTP block (no trunk tensors such as blk.0.attn_norm.weight): open the main model file",
+             path.c_str());
+    }
+
+    ggml_init_params ip = {ggml_tensor_overhead() * (f.tensors().size() + 1), nullptr, true};
+    m->ctx_meta = ggml_init(ip);
+    if (m->ctx_meta == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot create the weight context");
+    }
+    WeightBinder binder(f, m->ctx_meta);
+    bind_weights(m->hp, binder, m->weights);
+    binder.check_all_used();
+
+    m->table.reserve(f.tensors().size());
+    for (const GgufTensorInfo & ti : f.tensors()) {
+        dsv4_tensor_info t{};
+        t.name = ti.name.c_str();
+        t.type = int32_t(ti.type);
+        t.type_name = ggml_type_name(ti.type);
+        t.n_dims = int32_t(ti.n_dims);
+        for (int d = 0; d < 4; ++d) {
+            t.ne[d] = ti.ne[d];
+        }
+        t.offset = ti.offset;
+        t.nbytes = ti.nbytes;
+        m->table.push_back(t);
+    }
+    return m;
+}
+
+}  // namespace dsv4
+
+dsv4_model::~dsv4_model() {
+    if (ctx_meta != nullptr) {
+        ggml_free(ctx_meta);
+    }
+}

@@ -1,0 +1,28 @@
+// A validated model: the mapped GGUF, its hyperparameters and its weight table.
+#pragma once
+
+#include "dsv4.h"
+#include "gguf_file.h"
+#include "weights.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+struct dsv4_model {
+    std::unique_ptr<dsv4::GgufFile> file;
+    dsv4_hparams hp{};
+    dsv4::Weights weights;
+    ggml_context * ctx_meta = nullptr;        // tensor objects of the weights (no data)
+    std::vector<dsv4_tensor_info> table;      // the file's tensors, in file order
+    dsv4_model_params params{};
+
+    ~dsv4_model();
+};
+
+namespace dsv4 {
+
+// Opens, parses and validates `path`; throws dsv4::Error.
+std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_model_params & params);
+
+}  // namespace dsv4
