@@ -228,3 +228,166 @@ T("nextn_shared_head_head", "blk.{il}.nextn.shared_head_head.weight", (n_embd, n
   "MTP LM head (absent in V4: output)", when=is_mtp, required=False)
 
 MODEL = m
+
+# =================================================================================================
+# Blocks (§3): one generated C++ function per block and variant (native/generated/blocks.cpp).
+# `b.*` ops are checked symbolically here and lower to ggml calls; `s.*` calls in the C++ are the
+# hand-written runtime (native/src/step.h: window, compressor state, caches, the per-step plan).
+
+from .graph import N_BLOCKS, N_VIEW, T, Output, Variant, block_decorator  # noqa: E402
+
+BLOCKS: list = []
+block = block_decorator(m, BLOCKS)
+D, H, Dh, HC = n_embd, n_head, head_dim, hc_mult
+
+ATTENTION = [
+    Variant("swa", ratio.eq(0), {"ratio": 0}, {"compress_ratio": 0}),
+    Variant("csa", ratio.eq(4), {"ratio": 4}, {"compress_ratio": 4}),
+    Variant("hca", ratio.eq(128), {"ratio": 128}, {"compress_ratio": 128}),
+]
+ROUTING = [
+    Variant("hash", hashed, {"hashed": True}),
+    Variant("routed", ~hashed, {"hashed": False}),
+]
+COMPRESSORS = [
+    Variant("csa", csa, {"stream": "CSA", "ratio": 4, "width": head_dim, "w": "attn_compressor"},
+            {"compress_ratio": 4}),
+    Variant("hca", ratio.eq(128), {"stream": "HCA", "ratio": 128, "width": head_dim,
+                                   "w": "attn_compressor"}, {"compress_ratio": 128}),
+    Variant("indexer", csa, {"stream": "INDEXER", "ratio": 4, "width": indexer_head_dim,
+                             "w": "indexer_compressor"}, {"compress_ratio": 4}),
+]
+HC_SPLIT = Output(None, ctype="HcSplit", fields={
+    "y": ((D, T), "f32"), "post": ((HC, T), "f32"), "comb": ((HC, HC, T), "f32")})
+
+
+@block("embed", "§3.1", params=[], output=Output((D, HC, T)), scope="model")
+def embed(b, W):
+    """Token embeddings, copied into every hyper-connection stream."""
+    e = b.get_rows(W.token_embd, b.tokens)
+    return b.repeat_streams(e, HC)
+
+
+@block("hc_pre", "§3.2", output=HC_SPLIT, scope="step",
+       params=[("X", (D, HC, T)), ("fn", (hc_dim, hc_mix)), ("scale", (3,)), ("base", (hc_mix,))])
+def hc_pre(b, _, X, fn, scale, base):
+    """Mixes the streams into one sub-layer input `y` and returns the coefficients `post` and
+    `comb` that hc_post uses to write the sub-layer output back into the streams."""
+    mixes = b.linear(fn, b.rms_norm(b.flatten(X)))   # one RMS over all HC·D values (§7 #10)
+    pre_logits = b.add(b.mul(b.rows(mixes, 0, HC), b.rows(scale, 0, 1)), b.rows(base, 0, HC))
+    pre = b.scale(b.sigmoid(pre_logits), 1.0, hc_eps)   # sigmoid + eps (§7 #8)
+    post_logits = b.add(b.mul(b.rows(mixes, HC, HC), b.rows(scale, 1, 1)), b.rows(base, HC, HC))
+    post = b.scale(b.sigmoid(post_logits), 2.0)         # 2·sigmoid, no eps
+    comb = b.hc_comb(mixes, scale, base)                # softmax + Sinkhorn (§7 #7, #9)
+    y = b.hc_sum(X, pre)                                # weighted sum of the un-normalised streams
+    return {"y": y, "post": post, "comb": comb}
+
+
+@block("compress", "§3.5", params=[("x", (D, T))], output=Output(None), variants=COMPRESSORS)
+def compress(b, L, x):
+    """Runs one compressor over the batch: projects values and gate logits, pools every block
+    the batch completes, norms and ropes each entry at its block's first position, writes it
+    into the layer's cache and returns the cache rows the batch may see."""
+    stream, r, d, w = L.stream, L.ratio, L.width, L.w
+    n_members = 2 * r if r == 4 else r
+    a = b.linear(getattr(L, w + "_kv"), x)                       # values
+    ape = b.get_rows(getattr(L, w + "_ape"), b.call("ape_row", (T,), f"s.ape_rows(Stream::{stream})",
+                                                    dtype="i32"))  # APE row pos mod r ...
+    z = b.add(b.linear(getattr(L, w + "_gate"), x), ape)         # ... on the gate logits only
+    rows = b.call("rows", None, f"s.compressor_rows(il, Stream::{stream}, {{}}, {{}})", a, z,
+                  ctype="CompressorRows", comment="members of the blocks completed in this batch")
+    member = b.members(rows, {"values": ((a.dim(0), n_members, N_BLOCKS), "f32"),
+                              "logits": ((a.dim(0), n_members, N_BLOCKS), "f32")})
+    if r == 4:   # overlapping windows: previous block's first half + current block's second half
+        values = b.overlap_halves(member["values"], d, r)
+        logits = b.overlap_halves(member["logits"], d, r)
+    else:
+        values, logits = member["values"], member["logits"]
+    pooled = b.gated_pool(values, logits)
+    entry = b.entries(b.rms_norm(pooled, getattr(L, w + "_norm")))
+    entry = b.rope(entry, b.call("block_pos", (N_BLOCKS,), f"s.block_positions(Stream::{stream})",
+                                 dtype="i32"))               # at the block's first token j·r (§7 #6)
+    return b.call("cache", (d, N_VIEW), f"s.store(il, Stream::{stream}, {{}})", entry,
+                  comment="write the new entries; the cache rows visible to this batch")
+
+
+@block("indexer", "§3.6", params=[("x", (D, T)), ("qr", (q_lora_rank, T))],
+       output=Output((N_VIEW, T)))
+def indexer(b, L, x, qr):
+    """Lightning indexer scores of every visible compressed block for every query (−inf where
+    not visible); the attention keeps the top-k."""
+    keys = b.invoke(compress, x, variant="indexer")
+    q = b.heads(b.linear(L.indexer_attn_q_b, qr), indexer_n_head, indexer_head_dim)   # no q norm (§7 #15)
+    q = b.rope(q, b.positions)
+    w = b.scale(b.linear(L.indexer_proj, x),
+                "1.0f / std::sqrt(float(hp.indexer_head_dim) * float(hp.indexer_n_head))")
+    return b.call("scores", (N_VIEW, T),
+                  "ggml_lightning_indexer(ctx, {0}, ggml_reshape_3d(ctx, {1}, {1}->ne[0], 1, {1}->ne[1]), {2}, "
+                  "s.indexer_mask())", q, keys, w, comment="Σ_h w_h·relu(q_h·k_j) plus the causal mask")
+
+
+@block("attention", "§3.4", params=[("x", (D, T))], output=Output((D, T)), variants=ATTENTION)
+def attention(b, L, x):
+    """Attention of one layer: low-rank query, one shared key/value vector (MQA), keys from the
+    sliding window plus the layer's compressed entries, sinks, grouped low-rank output."""
+    qr = b.rms_norm(b.linear(L.attn_q_a, x), L.attn_q_a_norm)                   # §3.4.1
+    q = b.rms_norm(b.heads(b.linear(L.attn_q_b, qr), H, Dh))                    # per-head RMS, no weight
+    q = b.rope(q, b.positions)
+    kv = b.rms_norm(b.linear(L.attn_kv, x), L.attn_kv_a_norm)                   # §3.4.2: K = V
+    kv = b.rope(b.heads(kv, 1, Dh), b.positions)
+    keys = b.call("keys", None, "s.window(il, {})", kv, ctype="KeySet")         # last n_swa tokens
+    if L.ratio == 128:    # HCA: every visible compressed block
+        cache = b.invoke(compress, x, variant="hca")
+        keys = b.call("keys", None, "s.with_all(il, {}, {})", keys, cache, ctype="KeySet")
+    if L.ratio == 4:      # CSA: the indexer's top-k visible blocks
+        cache = b.invoke(compress, x, variant="csa")
+        scores = b.invoke(indexer, x, qr)
+        keys = b.call("keys", None, "s.with_selected(il, {}, {}, {})", keys, cache, scores, ctype="KeySet")
+    o = b.call("o", (Dh, H, T), "attend(s, {}, {}, {})", q, keys, L.attn_sinks,
+               comment="softmax over the keys and the head's sink logit (§3.4.5)")
+    o = b.rope(o, b.positions, inverse=True)                                    # K = V was roped (§7 #5)
+    return b.linear(L.attn_output_b, b.grouped_linear(L.attn_output_a, o, o_groups))
+
+
+@block("moe", "§3.8", params=[("x", (D, T))], output=Output((D, T)), variants=ROUTING)
+def moe(b, L, x):
+    """Routed experts (sqrt-softplus scores; hash routing by token id on the first layers) plus
+    the shared expert; both with the clamped SwiGLU."""
+    scores = b.unary("sqrt", b.unary("softplus", b.linear(L.ffn_gate_inp, x)))   # [E, T]
+    if L.hashed:
+        experts = b.get_rows(L.ffn_gate_tid2eid, b.tokens)                       # tid2eid[token]
+    else:
+        experts = b.argsort_top_k(b.add(scores, L.exp_probs_b), n_expert_used)   # bias selects only
+    weights = b.get_rows(b.reshape(scores, (1, n_expert, T)), experts)           # unbiased scores
+    weights = b.reshape(weights, (n_expert_used, T))
+    weights = b.scale(b.div(weights, b.sum_rows(weights)), expert_weights_scale)
+    xe = b.reshape(x, (D, 1, T))
+    gate = b.mul_mat_id(L.ffn_gate_exps, xe, experts)
+    up = b.mul_mat_id(L.ffn_up_exps, xe, experts)
+    act = b.swiglu_clamp(gate, up, swiglu_clamp_exp)
+    down = b.mul_mat_id(L.ffn_down_exps, act, experts)
+    routed = b.sum_experts(b.mul(down, b.reshape(weights, (1, n_expert_used, T))))
+    shared_act = b.swiglu_clamp(b.linear(L.ffn_gate_shexp, x), b.linear(L.ffn_up_shexp, x),
+                                swiglu_clamp_shexp)
+    shared = b.linear(L.ffn_down_shexp, shared_act)
+    return b.add(routed, shared)
+
+
+@block("layer", "§3.3", params=[("X", (D, HC, T))], output=Output((D, HC, T)))
+def layer(b, L, X):
+    """One block: HC-wrapped attention, then HC-wrapped MoE."""
+    h = b.invoke(hc_pre, X, L.hc_attn_fn, L.hc_attn_scale, L.hc_attn_base, name="attn_hc")
+    a = b.invoke(attention, b.rms_norm(h["y"], L.attn_norm))
+    X = b.hc_post(a, X, h["post"], h["comb"], name="X_attn")
+    h = b.invoke(hc_pre, X, L.hc_ffn_fn, L.hc_ffn_scale, L.hc_ffn_base, name="ffn_hc")
+    f = b.invoke(moe, b.rms_norm(h["y"], L.ffn_norm))
+    return b.hc_post(f, X, h["post"], h["comb"], name="X_ffn")
+
+
+@block("output_head", "§3.9", params=[("X", (D, HC, T))], output=Output((n_vocab, T)), scope="model")
+def output_head(b, W, X):
+    """HC head (pre weights only, no Sinkhorn), final RMSNorm, LM head."""
+    mixes = b.linear(W.output_hc_fn, b.rms_norm(b.flatten(X)))
+    pre = b.scale(b.sigmoid(b.add(b.mul(mixes, W.output_hc_scale), W.output_hc_base)), 1.0, hc_eps)
+    y = b.rms_norm(b.hc_sum(X, pre), W.output_norm)
+    return b.linear(W.output, y)

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _native
 from .errors import InvalidArgumentError
 
@@ -45,12 +47,14 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 backend: str = "cpu"):
+                 backend: str = "cpu", n_ubatch: int = 512):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
                                       or n_threads < 1):
             raise InvalidArgumentError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+        if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or n_ubatch < 1:
+            raise InvalidArgumentError(f"n_ubatch must be a positive integer, got {n_ubatch!r}")
         if backend not in BACKENDS:
             raise InvalidArgumentError(
                 f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -70,12 +74,69 @@ class Model:
         hp = ffi.new("dsv4_hparams *")
         _native.check(lib.dsv4_model_get_hparams(self._model, hp))
         self.hparams: dict[str, Any] = _struct_to_dict(ffi, hp[0])
-        if n_ctx > self.hparams["n_ctx_train"]:
+
+        sp = ffi.new("dsv4_session_params *", lib.dsv4_session_default_params())
+        sp.n_ctx = n_ctx
+        sp.n_ubatch = n_ubatch
+        sp.n_threads = self.n_threads
+        sess = ffi.new("dsv4_session **")
+        try:
+            _native.check(lib.dsv4_session_create(self._model, sp, sess))
+        except BaseException:
             self.close()
-            raise InvalidArgumentError(
-                f"n_ctx {n_ctx} exceeds the model's context length {self.hparams['n_ctx_train']} "
-                "(deepseek4.context_length)")
+            raise
+        self._session = ffi.gc(sess[0], lib.dsv4_session_free)
         self.n_ctx = n_ctx
+        self.n_ubatch = n_ubatch
+
+    # --- inference ------------------------------------------------------------------------------
+    def eval(self, tokens, logits: str = "all") -> np.ndarray:
+        """Appends `tokens` to the sequence and returns their logits, float32
+        `[len(tokens), n_vocab]` (`logits="all"`), or only the last row `[1, n_vocab]`
+        (`logits="last"`). Raises (and leaves the state unchanged) on bad token ids and when
+        the tokens do not fit in n_ctx."""
+        self._require_open()
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise InvalidArgumentError(f"tokens must be a 1-D sequence of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            raise InvalidArgumentError("tokens is empty: eval() needs at least one token")
+        if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+            raise InvalidArgumentError(f"tokens must be integers, got dtype {arr.dtype}")
+        if arr.min() < 0 or arr.max() >= self.n_vocab:
+            bad = arr[(arr < 0) | (arr >= self.n_vocab)][0]
+            raise InvalidArgumentError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        if logits not in ("all", "last"):
+            raise InvalidArgumentError(f"logits must be 'all' or 'last', got {logits!r}")
+        toks = np.ascontiguousarray(arr, dtype=np.int32)
+        rows = len(toks) if logits == "all" else 1
+        out = np.empty((rows, self.n_vocab), dtype=np.float32)
+        ffi, lib = self._ffi, self._lib
+        _native.check(lib.dsv4_session_eval(
+            self._session, ffi.cast("const int32_t *", toks.ctypes.data), len(toks),
+            ffi.cast("float *", out.ctypes.data), rows))
+        return out
+
+    def reset(self) -> None:
+        """Forgets every token (empty windows and caches)."""
+        self._require_open()
+        _native.check(self._lib.dsv4_session_reset(self._session))
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in the sequence so far."""
+        self._require_open()
+        n = self._ffi.new("int64_t *")
+        _native.check(self._lib.dsv4_session_n_past(self._session, n))
+        return int(n[0])
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the session's persistent state (sized from n_ctx and the compress ratios)."""
+        self._require_open()
+        n = self._ffi.new("uint64_t *")
+        _native.check(self._lib.dsv4_session_state_bytes(self._session, n))
+        return int(n[0])
 
     # --- properties --------------------------------------------------------------------------
     @property
@@ -108,7 +169,10 @@ class Model:
             raise InvalidArgumentError("the model is closed")
 
     def close(self) -> None:
-        """Releases the native model now (otherwise it is released when garbage-collected)."""
+        """Releases the native session and model now (otherwise when garbage-collected)."""
+        session, self._session = getattr(self, "_session", None), None
+        if session is not None:
+            self._ffi.release(session)
         model, self._model = getattr(self, "_model", None), None
         if model is not None:
             self._ffi.release(model)

@@ -54,6 +54,7 @@ typedef enum dsv4_backend {
 } dsv4_backend;
 
 typedef struct dsv4_model dsv4_model;
+typedef struct dsv4_session dsv4_session;
 
 /* Hyperparameters read from the GGUF metadata (per-layer arrays have n_layer_all entries). */
 typedef struct dsv4_hparams {
@@ -119,6 +120,12 @@ typedef struct dsv4_model_params {
     int32_t n_threads;         /* CPU threads for compute; <= 0: all cores */
 } dsv4_model_params;
 
+typedef struct dsv4_session_params {
+    int32_t n_ctx;             /* tokens the session can hold */
+    int32_t n_ubatch;          /* tokens per micro-batch of a prefill */
+    int32_t n_threads;         /* CPU threads; <= 0: the model's setting */
+} dsv4_session_params;
+
 DSV4_API const char * dsv4_version(void);
 DSV4_API const char * dsv4_last_error(void);
 DSV4_API const char * dsv4_status_name(dsv4_status status);
@@ -132,6 +139,22 @@ DSV4_API void dsv4_model_free(dsv4_model * model);
 DSV4_API dsv4_status dsv4_model_get_hparams(const dsv4_model * model, dsv4_hparams * out);
 DSV4_API dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out);
 DSV4_API dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out);
+
+DSV4_API dsv4_session_params dsv4_session_default_params(void);
+/* A session holds one sequence's state; several sessions may share a model (one thread each). */
+DSV4_API dsv4_status dsv4_session_create(dsv4_model * model, const dsv4_session_params * params,
+                                         dsv4_session ** out_session);
+DSV4_API void dsv4_session_free(dsv4_session * session);
+/* Appends n_tokens tokens to the sequence and computes them. logits receives out_rows rows of
+ * n_vocab floats: every token's (out_rows == n_tokens), the last token's (1) or none (0, logits
+ * may be NULL). On error the session is unchanged when the error is detected before computing
+ * (bad token, context overflow, bad argument). */
+DSV4_API dsv4_status dsv4_session_eval(dsv4_session * session, const int32_t * tokens, int64_t n_tokens,
+                                       float * logits, int64_t out_rows);
+DSV4_API dsv4_status dsv4_session_reset(dsv4_session * session);
+DSV4_API dsv4_status dsv4_session_n_past(const dsv4_session * session, int64_t * out);
+/* Bytes of the session's persistent state (windows, compressor states, compressed caches). */
+DSV4_API dsv4_status dsv4_session_state_bytes(const dsv4_session * session, uint64_t * out);
 
 /* cffi-end */
 

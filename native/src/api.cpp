@@ -3,6 +3,7 @@
 
 #include "error.h"
 #include "model.h"
+#include "session.h"
 
 #include <new>
 
@@ -132,6 +133,63 @@ dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4
                        model->table.size());
         }
         *out = model->table[size_t(index)];
+    });
+}
+
+dsv4_session_params dsv4_session_default_params(void) {
+    dsv4_session_params p{};
+    p.n_ctx = 4096;
+    p.n_ubatch = 512;
+    p.n_threads = 0;
+    return p;
+}
+
+dsv4_status dsv4_session_create(dsv4_model * model, const dsv4_session_params * params, dsv4_session ** out_session) {
+    return guarded([&] {
+        require(model, "model");
+        require(out_session, "out_session");
+        *out_session = nullptr;
+        const dsv4_session_params p = params ? *params : dsv4_session_default_params();
+        *out_session = dsv4::create_session(model, p).release();
+    });
+}
+
+void dsv4_session_free(dsv4_session * session) {
+    delete session;
+}
+
+dsv4_status dsv4_session_eval(dsv4_session * session, const int32_t * tokens, int64_t n_tokens, float * logits,
+                              int64_t out_rows) {
+    return guarded([&] {
+        require(session, "session");
+        require(tokens, "tokens");
+        if (out_rows > 0) {
+            require(logits, "logits");
+        }
+        dsv4::session_eval(*session, tokens, n_tokens, logits, out_rows);
+    });
+}
+
+dsv4_status dsv4_session_reset(dsv4_session * session) {
+    return guarded([&] {
+        require(session, "session");
+        dsv4::session_reset(*session);
+    });
+}
+
+dsv4_status dsv4_session_n_past(const dsv4_session * session, int64_t * out) {
+    return guarded([&] {
+        require(session, "session");
+        require(out, "out");
+        *out = session->n_past;
+    });
+}
+
+dsv4_status dsv4_session_state_bytes(const dsv4_session * session, uint64_t * out) {
+    return guarded([&] {
+        require(session, "session");
+        require(out, "out");
+        *out = ggml_backend_buffer_get_size(session->buf_state);
     });
 }
 

@@ -33,6 +33,29 @@ void check_backend(const dsv4_model_params & p) {
     }
 }
 
+// Hash routing reads expert ids from the file (§3.8): an id out of range would index past the
+// expert tensors, so check them once here.
+void check_tid2eid(const dsv4_hparams & hp, const Weights & w, const GgufFile & f,
+                   const std::vector<WeightBinder::Bound> & bound) {
+    for (const WeightBinder::Bound & b : bound) {
+        bool is_table = false;
+        for (uint32_t il = 0; il < hp.n_layer_all; ++il) {
+            is_table = is_table || b.tensor == w.layers[il].ffn_gate_tid2eid;
+        }
+        if (!is_table) {
+            continue;
+        }
+        const int32_t * ids = reinterpret_cast<const int32_t *>(f.map() + b.info->offset);
+        const int64_t n = ggml_nelements(b.tensor);
+        for (int64_t i = 0; i < n; ++i) {
+            if (ids[i] < 0 || uint32_t(ids[i]) >= hp.n_expert) {
+                fail(DSV4_ERR_CORRUPT, "tensor '%s' routes token %lld to expert %d, but the model has %u experts",
+                     b.info->name.c_str(), (long long) (i / b.tensor->ne[0]), int(ids[i]), unsigned(hp.n_expert));
+            }
+        }
+    }
+}
+
 }  // namespace
 
 std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_model_params & params) {
@@ -59,6 +82,20 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
     WeightBinder binder(f, m->ctx_meta);
     bind_weights(m->hp, binder, m->weights);
     binder.check_all_used();
+    check_tid2eid(m->hp, m->weights, f, binder.bound());
+
+    // CPU: the weights are the mapped file itself, read in place
+    m->weights_buf = ggml_backend_cpu_buffer_from_ptr(const_cast<uint8_t *>(f.map()), size_t(f.file_size()));
+    if (m->weights_buf == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a backend buffer");
+    }
+    ggml_backend_buffer_set_usage(m->weights_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    for (const WeightBinder::Bound & b : binder.bound()) {
+        if (ggml_backend_tensor_alloc(m->weights_buf, b.tensor, const_cast<uint8_t *>(f.map()) + b.info->offset) !=
+            GGML_STATUS_SUCCESS) {
+            fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", b.info->name.c_str());
+        }
+    }
 
     m->table.reserve(f.tensors().size());
     for (const GgufTensorInfo & ti : f.tensors()) {
@@ -80,6 +117,9 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
 }  // namespace dsv4
 
 dsv4_model::~dsv4_model() {
+    if (weights_buf != nullptr) {
+        ggml_backend_buffer_free(weights_buf);
+    }
     if (ctx_meta != nullptr) {
         ggml_free(ctx_meta);
     }

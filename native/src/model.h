@@ -5,6 +5,8 @@
 #include "gguf_file.h"
 #include "weights.h"
 
+#include "ggml-backend.h"
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,7 +15,8 @@ struct dsv4_model {
     std::unique_ptr<dsv4::GgufFile> file;
     dsv4_hparams hp{};
     dsv4::Weights weights;
-    ggml_context * ctx_meta = nullptr;        // tensor objects of the weights (no data)
+    ggml_context * ctx_meta = nullptr;        // tensor objects of the weights
+    ggml_backend_buffer_t weights_buf = nullptr;  // CPU: the mapped file itself (no copy)
     std::vector<dsv4_tensor_info> table;      // the file's tensors, in file order
     dsv4_model_params params{};
 

@@ -1,0 +1,242 @@
+#include "session.h"
+
+#include "blocks.h"
+#include "error.h"
+
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+
+namespace dsv4 {
+
+void free_graph(dsv4_session & s) {
+    s.step.reset();
+    if (s.ctx_graph != nullptr) {
+        ggml_free(s.ctx_graph);
+        s.ctx_graph = nullptr;
+    }
+    s.graph = nullptr;
+    s.logits = nullptr;
+    s.graph_ready = false;
+}
+
+namespace {
+
+int default_threads() {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : int(n);
+}
+
+void fill_f32(ggml_tensor * t, float value) {
+    std::vector<float> v(size_t(ggml_nelements(t)), value);
+    ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(float));
+}
+
+// Zeroes every state tensor and sets the compressor logit planes to -inf: ring rows that no
+// token has written yet must get weight exactly 0 in the pooling (§4.2, §7 #29).
+void clear_state(dsv4_session & s) {
+    ggml_backend_buffer_clear(s.buf_state, 0);
+    for (LayerState & L : s.layers) {
+        for (CompressorState * cs : {&L.main, &L.index}) {
+            if (cs->score != nullptr) {
+                fill_f32(cs->score, -INFINITY);
+            }
+        }
+    }
+    s.n_past = 0;
+}
+
+ggml_tensor * new_state(ggml_context * ctx, int64_t ne0, int64_t ne1, const char * name, uint32_t il) {
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, ne1);
+    ggml_format_name(t, "%s.%u", name, unsigned(il));
+    return t;
+}
+
+// Builds the graph of s.plan: embedding, the trunk layers, the output head, then the deferred
+// state writes (after every read of the old state).
+void build_graph(dsv4_session & s) {
+    const dsv4_model & m = *s.model;
+    const dsv4_hparams & hp = m.hp;
+    free_graph(s);
+    const size_t max_nodes = 4096 + size_t(hp.n_layer_all) * 1024;
+    const size_t mem = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
+    s.graph_mem.resize(mem);
+    s.ctx_graph = ggml_init({mem, s.graph_mem.data(), true});
+    if (s.ctx_graph == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot create the graph context");
+    }
+    s.graph = ggml_new_graph_custom(s.ctx_graph, max_nodes, false);
+    s.step = std::make_unique<Step>(s.ctx_graph, hp, s.layers, s.plan);
+    Step & st = *s.step;
+
+    ggml_tensor * X = embed(st, m.weights);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        X = layer(st, m.weights.layers[il], il, X);
+    }
+    if (s.out != OutMode::NONE) {
+        if (s.out == OutMode::LAST) {  // only the last token's logits: select it before the HC head (§3.9)
+            X = ggml_cont(s.ctx_graph, ggml_view_3d(s.ctx_graph, X, X->ne[0], X->ne[1], 1, X->nb[1], X->nb[2],
+                                                    size_t(st.n_tokens - 1) * X->nb[2]));
+        }
+        s.logits = output_head(st, m.weights, X);
+        ggml_set_output(s.logits);
+        ggml_build_forward_expand(s.graph, s.logits);
+    }
+    for (ggml_tensor * t : st.deferred()) {
+        ggml_build_forward_expand(s.graph, t);
+    }
+    ggml_backend_sched_reset(s.sched);
+    if (!ggml_backend_sched_alloc_graph(s.sched, s.graph)) {
+        free_graph(s);
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
+    }
+    s.graph_ready = true;
+    s.n_graph_builds += 1;
+}
+
+void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out, float * logits) {
+    const dsv4_hparams & hp = s.model->hp;
+    StepPlan p = make_plan(hp, s.n_past, tokens, T, s.n_rows4, s.n_rows128, s.has4, s.has128);
+    const GraphKey k = graph_key(p);
+    s.plan = std::move(p);  // the Step of a reused graph reads its inputs from s.plan
+    if (!s.graph_ready || !(k == s.key) || out != s.out) {
+        s.out = out;
+        s.key = k;
+        build_graph(s);
+    }
+    s.step->set_inputs();
+    if (ggml_backend_sched_graph_compute(s.sched, s.graph) != GGML_STATUS_SUCCESS) {
+        free_graph(s);
+        fail(DSV4_ERR_BACKEND, "the backend failed to compute the graph");
+    }
+    s.n_past += T;
+    if (out != OutMode::NONE) {
+        ggml_backend_tensor_get(s.logits, logits, 0, ggml_nbytes(s.logits));
+    }
+}
+
+}  // namespace
+
+std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_session_params & params) {
+    const dsv4_hparams & hp = model->hp;
+    if (params.n_ctx < 1) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "n_ctx must be at least 1, got %d", int(params.n_ctx));
+    }
+    if (uint32_t(params.n_ctx) > hp.n_ctx_train) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "n_ctx %d exceeds the model's context length %u (deepseek4.context_length)",
+             int(params.n_ctx), unsigned(hp.n_ctx_train));
+    }
+    if (params.n_ubatch < 1) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "n_ubatch must be at least 1, got %d", int(params.n_ubatch));
+    }
+    auto s = std::make_unique<dsv4_session>();
+    s->model = model;
+    s->params = params;
+    s->params.n_ubatch = std::min(params.n_ubatch, params.n_ctx);
+    s->params.n_threads = params.n_threads > 0 ? params.n_threads : (model->params.n_threads > 0
+                                                                        ? model->params.n_threads : default_threads());
+
+    s->backend = ggml_backend_cpu_init();
+    if (s->backend == nullptr) {
+        fail(DSV4_ERR_BACKEND, "cannot initialise the CPU backend");
+    }
+    ggml_backend_cpu_set_n_threads(s->backend, s->params.n_threads);
+
+    // state tensors, sized from n_ctx and the compress ratios (§4.1)
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        s->has4 = s->has4 || hp.compress_ratio[il] == 4;
+        s->has128 = s->has128 || hp.compress_ratio[il] == 128;
+    }
+    s->n_rows4 = params.n_ctx / 4 + 1;
+    s->n_rows128 = params.n_ctx / 128 + 1;
+    const size_t n_tensors = size_t(hp.n_layer) * 7 + 1;
+    s->ctx_state = ggml_init({ggml_tensor_overhead() * n_tensors, nullptr, true});
+    s->layers.resize(hp.n_layer);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        LayerState & L = s->layers[il];
+        const int ratio = hp.compress_ratio[il];
+        L.window = new_state(s->ctx_state, hp.head_dim, hp.n_swa, "window", il);
+        if (ratio != 0) {
+            const int64_t c = ratio == 4 ? 2 : 1;
+            const int64_t rows = ratio == 4 ? 8 : 128;
+            L.main.kv = new_state(s->ctx_state, c * hp.head_dim, rows, "comp_kv", il);
+            L.main.score = new_state(s->ctx_state, c * hp.head_dim, rows, "comp_score", il);
+            L.main.cache = new_state(s->ctx_state, hp.head_dim, ratio == 4 ? s->n_rows4 : s->n_rows128, "comp_cache", il);
+        }
+        if (ratio == 4) {
+            L.index.kv = new_state(s->ctx_state, 2 * hp.indexer_head_dim, 8, "index_kv", il);
+            L.index.score = new_state(s->ctx_state, 2 * hp.indexer_head_dim, 8, "index_score", il);
+            L.index.cache = new_state(s->ctx_state, hp.indexer_head_dim, s->n_rows4, "index_cache", il);
+        }
+    }
+    s->buf_state = ggml_backend_alloc_ctx_tensors(s->ctx_state, s->backend);
+    if (s->buf_state == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the session state for n_ctx %d", int(params.n_ctx));
+    }
+    clear_state(*s);
+
+    ggml_backend_t backends[1] = {s->backend};
+    const size_t max_nodes = 4096 + size_t(hp.n_layer_all) * 1024;
+    s->sched = ggml_backend_sched_new(backends, nullptr, 1, max_nodes, false, false);
+    if (s->sched == nullptr) {
+        fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
+    }
+    return s;
+}
+
+void session_eval(dsv4_session & s, const int32_t * tokens, int64_t n, float * logits, int64_t out_rows) {
+    const dsv4_hparams & hp = s.model->hp;
+    if (n < 1) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "eval needs at least one token");
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || uint32_t(tokens[i]) >= hp.n_vocab) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "token %lld at index %lld is outside the vocabulary [0, %u)",
+                 (long long) tokens[i], (long long) i, unsigned(hp.n_vocab));
+        }
+    }
+    if (s.n_past + n > s.params.n_ctx) {
+        fail(DSV4_ERR_CONTEXT_OVERFLOW, "%lld tokens do not fit: %lld of n_ctx %d are used",
+             (long long) n, (long long) s.n_past, int(s.params.n_ctx));
+    }
+    if (out_rows != 0 && out_rows != 1 && out_rows != n) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "out_rows must be 0, 1 or the token count");
+    }
+    const int64_t nb = s.params.n_ubatch;
+    for (int64_t i0 = 0; i0 < n; i0 += nb) {
+        const int64_t T = std::min(nb, n - i0);
+        const bool final_batch = i0 + T == n;
+        if (out_rows == n) {
+            run_ubatch(s, tokens + i0, T, OutMode::ALL, logits + i0 * int64_t(hp.n_vocab));
+        } else if (out_rows == 1 && final_batch) {
+            run_ubatch(s, tokens + i0, T, OutMode::LAST, logits);
+        } else {  // nobody reads these logits: the graph has no output head at all
+            run_ubatch(s, tokens + i0, T, OutMode::NONE, nullptr);
+        }
+    }
+}
+
+void session_reset(dsv4_session & s) {
+    clear_state(s);
+}
+
+}  // namespace dsv4
+
+dsv4_session::~dsv4_session() {
+    dsv4::free_graph(*this);
+    if (sched != nullptr) {
+        ggml_backend_sched_free(sched);
+    }
+    if (buf_state != nullptr) {
+        ggml_backend_buffer_free(buf_state);
+    }
+    if (ctx_state != nullptr) {
+        ggml_free(ctx_state);
+    }
+    if (backend != nullptr) {
+        ggml_backend_free(backend);
+    }
+}

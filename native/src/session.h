@@ -1,0 +1,59 @@
+// A decoding session: the per-sequence state of one model (window rings, compressor states,
+// compressed caches), the backend that computes, and the graph of the current micro-batch,
+// reused between decode steps while its shape does not change.
+#pragma once
+
+#include "dsv4.h"
+#include "model.h"
+#include "step.h"
+
+#include "ggml-backend.h"
+
+#include <memory>
+#include <vector>
+
+namespace dsv4 {
+enum class OutMode { NONE, LAST, ALL };  // which logits a micro-batch graph computes
+}
+
+struct dsv4_session {
+    dsv4_model * model = nullptr;
+    dsv4_session_params params{};
+    ggml_backend_t backend = nullptr;
+    ggml_backend_sched_t sched = nullptr;
+
+    // persistent state (§4.1)
+    ggml_context * ctx_state = nullptr;
+    ggml_backend_buffer_t buf_state = nullptr;
+    std::vector<dsv4::LayerState> layers;
+    int64_t n_rows4 = 0;    // rows of each ratio-4 cache (blocks of n_ctx, plus one dummy row)
+    int64_t n_rows128 = 0;
+    bool has4 = false, has128 = false;
+    int64_t n_past = 0;
+
+    // the graph of the current micro-batch
+    std::vector<uint8_t> graph_mem;
+    ggml_context * ctx_graph = nullptr;
+    ggml_cgraph * graph = nullptr;
+    ggml_tensor * logits = nullptr;
+    std::unique_ptr<dsv4::Step> step;
+    dsv4::StepPlan plan;
+    dsv4::GraphKey key;
+    dsv4::OutMode out = dsv4::OutMode::ALL;
+    bool graph_ready = false;
+    int64_t n_graph_builds = 0;
+
+    ~dsv4_session();
+};
+
+namespace dsv4 {
+
+std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_session_params & params);
+
+// Runs `n` tokens (in micro-batches of params.n_ubatch) and writes logits: all rows
+// (out_rows == n) or only the last (out_rows == 1) or none (out_rows == 0).
+void session_eval(dsv4_session & s, const int32_t * tokens, int64_t n, float * logits, int64_t out_rows);
+
+void session_reset(dsv4_session & s);
+
+}  // namespace dsv4

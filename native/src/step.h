@@ -1,0 +1,174 @@
+// The runtime side of one micro-batch graph: what the generated blocks (native/generated/
+// blocks.cpp) call for everything that touches session state — the sliding window, the
+// compressor states, the compressed caches and the per-step compression plan (spec §4).
+//
+// A Step is built on the host for a batch of T consecutive tokens at positions b0 … b0+T−1.
+// Every data-dependent choice inside the step (indexer top-k, expert selection) stays in the
+// graph; the host only supplies what follows from positions (masks, row indices).
+#pragma once
+
+#include "dsv4.h"
+#include "ggml.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace dsv4 {
+
+// Rope parameters of one layer (§1.3, §3.4.3): plain base on ratio-0 layers, compress base +
+// YaRN (without magnitude scaling) on compressed layers.
+struct RopeParams {
+    int n_dims;
+    int n_ctx_orig;
+    float freq_base;
+    float freq_scale;
+    float ext_factor;
+    float attn_factor;
+    float beta_fast;
+    float beta_slow;
+};
+
+RopeParams layer_rope(const dsv4_hparams & hp, uint32_t il);
+
+// Rotates the last n_dims of every head (interleaved pairs, ggml mode 0) / rotates them back.
+ggml_tensor * rope_tail(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const RopeParams & rp);
+ggml_tensor * rope_tail_inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const RopeParams & rp);
+
+// Σ over ne1: ne{D, K, T} -> ne{D, T}.
+ggml_tensor * sum_over_dim1(ggml_context * ctx, ggml_tensor * x);
+
+// The three compressor streams of a layer (§3.5): the CSA and HCA main compressors and the
+// lightning indexer's key compressor (ratio 4, like CSA).
+enum class Stream { CSA = 0, HCA = 1, INDEXER = 2 };
+
+// Keys one attention query sees (§3.4.4), as two parts: keys shared by the whole batch
+// (window and HCA entries) and keys picked per query (CSA selection). K = V.
+struct KeySet {
+    ggml_tensor * shared = nullptr;       // ne{Dh, N}
+    ggml_tensor * shared_mask = nullptr;  // ne{N, T} f32: 0 visible, -inf hidden
+    ggml_tensor * own = nullptr;          // ne{Dh, k, T}
+    ggml_tensor * own_mask = nullptr;     // ne{k, T} f32
+};
+
+struct CompressorRows {
+    ggml_tensor * values;  // ne{c·d, members, n_blocks}
+    ggml_tensor * logits;  // ne{c·d, members, n_blocks}
+};
+
+// Persistent per-layer state in the session's cache buffer (§4.1).
+struct CompressorState {
+    ggml_tensor * kv = nullptr;     // ne{c·d, ring rows}: values of the last tokens, row pos mod rows
+    ggml_tensor * score = nullptr;  // ne{c·d, ring rows}: their gate logits (APE included)
+    ggml_tensor * cache = nullptr;  // ne{d, n_rows}: compressed entries, row j = block j; last row: dummy
+};
+
+struct LayerState {
+    ggml_tensor * window = nullptr;  // ne{Dh, n_swa}: raw kv ring, slot pos mod n_swa
+    CompressorState main;            // ratio 4 or 128
+    CompressorState index;           // ratio 4 only: indexer keys
+};
+
+// Host-side plan of one compression ratio for one micro-batch (§4.2, §4.3).
+struct RatioPlan {
+    int ratio = 0;
+    int ring_rows = 0;                    // 2r with overlap, else r
+    bool overlap = false;
+    int64_t n_blocks = 0;                 // ceil(T / r): completed blocks plus dummies
+    int64_t n_view = 0;                   // cache rows the batch may see
+    int64_t dummy_row = 0;                // cache row that dummy blocks write
+    std::vector<int32_t> ape_rows;        // [T] pos mod r
+    std::vector<int32_t> member_rows;     // [members·n_blocks] rows of concat(ring, batch)
+    std::vector<int32_t> block_pos;       // [n_blocks] j·r
+    std::vector<int64_t> write_rows;      // [n_blocks] cache row of each block
+    std::vector<int32_t> persist_src;     // batch rows kept in the ring ...
+    std::vector<int64_t> persist_dst;     // ... and their ring rows
+    std::vector<float> visible_mask;      // [n_view·T] 0 / -inf: block j visible to query t
+};
+
+struct StepPlan {
+    int64_t pos0 = 0;
+    int64_t n_tokens = 0;
+    std::vector<int32_t> positions;
+    std::vector<int32_t> tokens;
+    std::vector<float> window_mask;       // [(n_swa + T)·T]: ring slots, then the batch
+    std::vector<int32_t> window_src;      // batch rows kept in the window ring ...
+    std::vector<int64_t> window_dst;      // ... and their slots
+    bool has4 = false, has128 = false;
+    RatioPlan r4, r128;
+};
+
+// Builds the plan of the batch [pos0, pos0+T) given the session geometry.
+StepPlan make_plan(const dsv4_hparams & hp, int64_t pos0, const int32_t * tokens, int64_t n_tokens,
+                   int64_t n_rows4, int64_t n_rows128, bool has4, bool has128);
+
+// The key that decides whether a built graph can be reused for another step.
+struct GraphKey {
+    int64_t n_tokens = -1, n_view4 = -1, n_view128 = -1;
+    bool operator==(const GraphKey & o) const {
+        return n_tokens == o.n_tokens && n_view4 == o.n_view4 && n_view128 == o.n_view128;
+    }
+};
+GraphKey graph_key(const StepPlan & p);
+
+class Step {
+  public:
+    Step(ggml_context * ctx, const dsv4_hparams & hp, std::vector<LayerState> & layers, const StepPlan & plan);
+
+    ggml_context * ctx;
+    const dsv4_hparams & hp;
+    const int64_t n_tokens;
+    ggml_tensor * positions;  // i32 [T]
+    ggml_tensor * tokens;     // i32 [T]
+
+    const RopeParams & rope(uint32_t il) const { return ropes_[il]; }
+
+    // §3.4.4: the raw window — the ring of earlier tokens plus this batch's kv; the batch's
+    // kv is written into the ring after everything else in the graph.
+    KeySet window(uint32_t il, ggml_tensor * kv);
+
+    // §3.5: compressor inputs from the plan.
+    ggml_tensor * ape_rows(Stream st);
+    ggml_tensor * block_positions(Stream st);
+    CompressorRows compressor_rows(uint32_t il, Stream st, ggml_tensor * a, ggml_tensor * z);
+    ggml_tensor * store(uint32_t il, Stream st, ggml_tensor * entries);
+
+    // §3.4.4 / §3.6: compressed keys.
+    KeySet with_all(uint32_t il, const KeySet & keys, ggml_tensor * cache);
+    ggml_tensor * indexer_mask();
+    KeySet with_selected(uint32_t il, const KeySet & keys, ggml_tensor * cache, ggml_tensor * scores);
+
+    // Uploads the plan into the input tensors (after the graph is allocated).
+    void set_inputs() const;
+    // State writes that must run after every read of the old state (expanded last).
+    const std::vector<ggml_tensor *> & deferred() const { return deferred_; }
+
+  private:
+    struct RatioInputs {
+        ggml_tensor * ape_rows = nullptr;
+        ggml_tensor * member_rows = nullptr;
+        ggml_tensor * block_pos = nullptr;
+        ggml_tensor * write_rows = nullptr;
+        ggml_tensor * persist_src = nullptr;
+        ggml_tensor * persist_dst = nullptr;
+        ggml_tensor * visible_f32 = nullptr;
+        ggml_tensor * visible_f16 = nullptr;
+    };
+    ggml_tensor * input(ggml_type type, int64_t ne0, int64_t ne1 = 1);
+    RatioInputs & inputs(Stream st);
+    const RatioPlan & ratio_plan(Stream st) const;
+    CompressorState & state(uint32_t il, Stream st);
+
+    std::vector<LayerState> & layers_;
+    const StepPlan & plan_;
+    std::vector<RopeParams> ropes_;
+    ggml_tensor * window_mask_ = nullptr;
+    ggml_tensor * window_src_ = nullptr;
+    ggml_tensor * window_dst_ = nullptr;
+    RatioInputs in4_, in128_;
+    std::vector<ggml_tensor *> deferred_;
+};
+
+// Softmax attention of q ne{Dh, H, T} over a key set, with one sink logit per head (§3.4.5).
+ggml_tensor * attend(Step & s, ggml_tensor * q, const KeySet & keys, ggml_tensor * sinks);
+
+}  // namespace dsv4
