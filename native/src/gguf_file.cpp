@@ -19,6 +19,8 @@ namespace {
 constexpr uint64_t kMinKvBytes = 8 + 4 + 1;               // key length, type, smallest value
 constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 8 + 4 + 8;  // name length, n_dims, ne0, type, offset
 constexpr size_t kMaxTensorName = GGML_MAX_NAME - 1;
+// A count or length needing more than this many bytes is corrupt, not a truncated download.
+constexpr uint64_t kAbsurdBytes = uint64_t(1) << 40;
 
 size_t fixed_size(GgufType t) {
     switch (t) {
@@ -54,9 +56,9 @@ struct Cursor {
         if (n <= left) {
             return;
         }
-        if (n > size) {
-            fail(DSV4_ERR_CORRUPT, "corrupt GGUF: %s at byte %llu declares %llu bytes, more than the whole file (%llu bytes)",
-                 what, (unsigned long long) pos, (unsigned long long) n, (unsigned long long) size);
+        if (n > kAbsurdBytes) {
+            fail(DSV4_ERR_CORRUPT, "corrupt GGUF: %s at byte %llu declares %llu bytes", what, (unsigned long long) pos,
+                 (unsigned long long) n);
         }
         fail(DSV4_ERR_TRUNCATED, "truncated GGUF: the file ends at byte %llu while reading %s at byte %llu (%llu more bytes needed)",
              (unsigned long long) size, what, (unsigned long long) pos, (unsigned long long) (n - left));
@@ -82,10 +84,11 @@ struct Cursor {
     void need_items(uint64_t count, uint64_t min_bytes, const char * what) const {
         const uint64_t left = size - pos;
         if (count > left / min_bytes) {
-            fail(count > size / min_bytes ? DSV4_ERR_CORRUPT : DSV4_ERR_TRUNCATED,
+            const bool absurd = count > kAbsurdBytes / min_bytes;
+            fail(absurd ? DSV4_ERR_CORRUPT : DSV4_ERR_TRUNCATED,
                  "%s GGUF: %llu %s at byte %llu cannot fit in the %llu bytes left in the file",
-                 count > size / min_bytes ? "corrupt" : "truncated", (unsigned long long) count, what,
-                 (unsigned long long) pos, (unsigned long long) left);
+                 absurd ? "corrupt" : "truncated", (unsigned long long) count, what, (unsigned long long) pos,
+                 (unsigned long long) left);
         }
     }
 };
@@ -304,10 +307,11 @@ void GgufFile::parse() {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: tensor '%s' data offset overflows", ti.name.c_str());
         }
         if (end > size_) {
-            fail(begin >= size_ && begin - size_ > size_ ? DSV4_ERR_CORRUPT : DSV4_ERR_TRUNCATED,
+            const bool absurd = end > kAbsurdBytes;
+            fail(absurd ? DSV4_ERR_CORRUPT : DSV4_ERR_TRUNCATED,
                  "%s GGUF: tensor '%s' data [%llu, %llu) extends past the end of the file (%llu bytes)",
-                 begin >= size_ && begin - size_ > size_ ? "corrupt" : "truncated", ti.name.c_str(),
-                 (unsigned long long) begin, (unsigned long long) end, (unsigned long long) size_);
+                 absurd ? "corrupt" : "truncated", ti.name.c_str(), (unsigned long long) begin,
+                 (unsigned long long) end, (unsigned long long) size_);
         }
         ti.offset = begin;
     }

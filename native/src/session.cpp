@@ -85,6 +85,11 @@ void build_graph(dsv4_session & s) {
         ggml_set_output(s.logits);
         ggml_build_forward_expand(s.graph, s.logits);
     }
+    // the cache writes (and, through them, every read of the compressor rings) come before the
+    // ring overwrites
+    for (ggml_tensor * t : st.effects()) {
+        ggml_build_forward_expand(s.graph, t);
+    }
     for (ggml_tensor * t : st.deferred()) {
         ggml_build_forward_expand(s.graph, t);
     }

@@ -270,6 +270,7 @@ ggml_tensor * Step::store(uint32_t il, Stream st, ggml_tensor * entries) {
     ggml_tensor * cache = state(il, st).cache;
     ggml_tensor * rows = ggml_reshape_2d(ctx, entries, entries->ne[0], entries->ne[2]);
     ggml_tensor * written = ggml_set_rows(ctx, cache, rows, in.write_rows);
+    effects_.push_back(written);
     // a view of the written cache: attention reads it after the write
     return ggml_view_2d(ctx, written, cache->ne[0], p.n_view, cache->nb[1], 0);
 }

@@ -139,7 +139,10 @@ class Step {
 
     // Uploads the plan into the input tensors (after the graph is allocated).
     void set_inputs() const;
-    // State writes that must run after every read of the old state (expanded last).
+    // Cache writes that must run even when no output depends on them (a micro-batch whose
+    // logits nobody reads still extends the caches); expanded before deferred().
+    const std::vector<ggml_tensor *> & effects() const { return effects_; }
+    // Ring overwrites that must run after every read of the old ring contents (expanded last).
     const std::vector<ggml_tensor *> & deferred() const { return deferred_; }
 
   private:
@@ -165,6 +168,7 @@ class Step {
     ggml_tensor * window_src_ = nullptr;
     ggml_tensor * window_dst_ = nullptr;
     RatioInputs in4_, in128_;
+    std::vector<ggml_tensor *> effects_;
     std::vector<ggml_tensor *> deferred_;
 };
 

@@ -1,0 +1,270 @@
+"""Tiny random DeepSeek-V4 models in llama.cpp's GGUF format (arch "deepseek4").
+
+`write_tiny_model(path, seed=0, **overrides)` writes a small model with the spec §8
+configuration by default: 6 layers with compress ratios 0/4/128 twice, hash routing on the first
+two, a 512-token byte-level BPE vocabulary, and seeded weights scaled so activations stay O(1).
+Keys, value types, tensor names, shapes and dtypes are exactly those of a llama.cpp-converted
+file (checked against `../shared/golden/` by the tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter
+
+from .tiny_vocab import build_vocab
+
+ARCH = "deepseek4"
+
+
+@dataclass
+class TinyConfig:
+    """Hyperparameters of a tiny model (defaults: spec §8)."""
+
+    n_vocab: int = 512
+    n_embd: int = 256
+    n_layer: int = 6
+    compress_ratios: list[int] = field(default_factory=lambda: [0, 4, 128, 0, 4, 128])
+    n_hash_layers: int = 2
+    n_mtp_layers: int = 0
+    n_head: int = 4
+    head_dim: int = 256
+    n_rot: int = 64
+    q_lora_rank: int = 64
+    o_groups: int = 2
+    o_lora_rank: int = 32
+    n_swa: int = 32
+    indexer_n_head: int = 16
+    indexer_head_dim: int = 128
+    indexer_top_k: int = 8
+    n_expert: int = 8
+    n_expert_used: int = 2
+    n_expert_shared: int = 1
+    expert_ff: int = 128
+    expert_weights_scale: float = 1.5
+    swiglu_limit: float = 1.0
+    swiglu_limit_shared: float | None = None   # None: same as swiglu_limit
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    norm_eps: float = 1e-6
+    rope_freq_base: float = 10000.0
+    compress_rope_freq_base: float = 160000.0
+    rope_scaling_factor: float = 16.0
+    rope_orig_ctx: int = 65536
+    context_length: int = 32768
+    weight_type: str = "f32"
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+        need(self.n_layer >= 1, "n_layer must be at least 1")
+        need(len(self.compress_ratios) == self.n_layer,
+             f"compress_ratios has {len(self.compress_ratios)} entries for {self.n_layer} layers")
+        need(all(r in (0, 4, 128) for r in self.compress_ratios), "compress ratios must be 0, 4 or 128")
+        need(0 <= self.n_hash_layers <= self.n_layer, "n_hash_layers must be in [0, n_layer]")
+        need(self.n_mtp_layers in (0, 1), "n_mtp_layers must be 0 or 1")
+        need(self.n_head % self.o_groups == 0, "n_head must be divisible by o_groups")
+        need(self.n_rot % 2 == 0 and self.n_rot <= self.head_dim and self.n_rot <= self.indexer_head_dim,
+             "n_rot must be even and fit in head_dim and indexer_head_dim")
+        need(self.head_dim % 2 == 0, "head_dim must be even")
+        need(1 <= self.n_expert_used <= self.n_expert, "n_expert_used must be in [1, n_expert]")
+        need(self.n_expert_shared == 1, "n_expert_shared must be 1")
+        need(self.hc_mult == 4, "hc_mult must be 4 (llama.cpp requires it)")
+        need(self.indexer_top_k >= 1 and self.n_swa >= 1, "indexer_top_k and n_swa must be at least 1")
+        need(self.weight_type == "f32",
+             f"weight_type {self.weight_type!r}: quantized tiny models are not supported yet (only 'f32')")
+        build_vocab(self.n_vocab)  # raises for a too small vocabulary
+
+
+def _config(overrides: dict[str, Any]) -> TinyConfig:
+    names = {f.name for f in dataclasses.fields(TinyConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown tiny-model option(s): {', '.join(unknown)}")
+    cfg = TinyConfig(**{k: (list(v) if k == "compress_ratios" else v) for k, v in overrides.items()})
+    if "compress_ratios" not in overrides and cfg.n_layer != 6:
+        cfg.compress_ratios = [(0, 4, 128)[i % 3] for i in range(cfg.n_layer)]
+    cfg.validate()
+    return cfg
+
+
+class _Weights:
+    """Seeded weights, drawn in file order."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def matrix(self, *ne: int) -> np.ndarray:
+        """ggml ne{in, out, ...} -> numpy [..., out, in], std 1/sqrt(in)."""
+        return (self.rng.standard_normal(ne[::-1]) / np.sqrt(ne[0])).astype(np.float32)
+
+    def normal(self, std: float, *shape: int, mean: float = 0.0) -> np.ndarray:
+        return (mean + std * self.rng.standard_normal(shape)).astype(np.float32)
+
+    def uniform(self, lo: float, hi: float, *shape: int) -> np.ndarray:
+        return self.rng.uniform(lo, hi, shape).astype(np.float32)
+
+
+def _layer_tensors(cfg: TinyConfig, w: _Weights, il: int, mtp: bool) -> list[tuple[str, np.ndarray]]:
+    D, H, Dh, HC = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.hc_mult
+    mix = (2 + HC) * HC
+    ratio = 0 if mtp else cfg.compress_ratios[il]
+    hashed = not mtp and il < cfg.n_hash_layers
+    F, E = cfg.expert_ff, cfg.n_expert
+    p = f"blk.{il}."
+    t: list[tuple[str, np.ndarray]] = []
+
+    def norm(n: int) -> np.ndarray:
+        return w.normal(0.1, n, mean=1.0)
+
+    if mtp:
+        t += [(p + "nextn.eh_proj.weight", w.matrix(2 * D, D)),
+              (p + "nextn.enorm.weight", norm(D)),
+              (p + "nextn.hnorm.weight", norm(D)),
+              (p + "nextn.shared_head_norm.weight", norm(D))]
+    t += [
+        (p + "attn_norm.weight", norm(D)),
+        (p + "attn_sinks.weight", w.normal(1.0, H)),
+        (p + "attn_q_a.weight", w.matrix(D, cfg.q_lora_rank)),
+        (p + "attn_q_a_norm.weight", norm(cfg.q_lora_rank)),
+        (p + "attn_q_b.weight", w.matrix(cfg.q_lora_rank, H * Dh)),
+        (p + "attn_kv.weight", w.matrix(D, Dh)),
+        (p + "attn_kv_a_norm.weight", norm(Dh)),
+        (p + "attn_output_a.weight", w.matrix(H * Dh // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)),
+        (p + "attn_output_b.weight", w.matrix(cfg.o_groups * cfg.o_lora_rank, D)),
+    ]
+    for site in ("attn", "ffn"):
+        t += [(p + f"hc_{site}_fn.weight", w.normal(1.0 / np.sqrt(HC * D), mix, HC * D)),
+              (p + f"hc_{site}_base.weight", w.normal(0.5, mix)),
+              (p + f"hc_{site}_scale.weight", w.uniform(0.5, 1.5, 3))]
+    if ratio:
+        c = 2 if ratio == 4 else 1
+        t += [(p + "attn_compressor_kv.weight", w.matrix(D, c * Dh)),
+              (p + "attn_compressor_gate.weight", w.matrix(D, c * Dh)),
+              (p + "attn_compressor_ape.weight", w.normal(0.5, ratio, c * Dh)),
+              (p + "attn_compressor_norm.weight", norm(Dh))]
+    if ratio == 4:
+        Di, HI = cfg.indexer_head_dim, cfg.indexer_n_head
+        t += [(p + "indexer.proj.weight", w.matrix(D, HI)),
+              (p + "indexer.attn_q_b.weight", w.matrix(cfg.q_lora_rank, HI * Di)),
+              (p + "indexer_compressor_kv.weight", w.matrix(D, 2 * Di)),
+              (p + "indexer_compressor_gate.weight", w.matrix(D, 2 * Di)),
+              (p + "indexer_compressor_ape.weight", w.normal(0.5, ratio, 2 * Di)),
+              (p + "indexer_compressor_norm.weight", norm(Di))]
+    t.append((p + "ffn_gate_inp.weight", w.matrix(D, E)))
+    if hashed:  # tid2eid[v]: n_expert_used distinct experts per token id
+        table = np.stack([w.rng.permutation(E)[:cfg.n_expert_used] for _ in range(cfg.n_vocab)])
+        t.append((p + "ffn_gate_tid2eid.weight", table.astype(np.int32)))
+    else:
+        t.append((p + "exp_probs_b.bias", w.normal(0.1, E)))
+    t += [
+        (p + "ffn_norm.weight", norm(D)),
+        (p + "ffn_gate_exps.weight", w.matrix(D, F, E)),
+        (p + "ffn_up_exps.weight", w.matrix(D, F, E)),
+        (p + "ffn_down_exps.weight", w.matrix(F, D, E)),
+        (p + "ffn_gate_shexp.weight", w.matrix(D, F * cfg.n_expert_shared)),
+        (p + "ffn_up_shexp.weight", w.matrix(D, F * cfg.n_expert_shared)),
+        (p + "ffn_down_shexp.weight", w.matrix(F * cfg.n_expert_shared, D)),
+    ]
+    return t
+
+
+def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    """Writes a tiny DeepSeek-V4 GGUF and returns its configuration as a dict."""
+    cfg = _config(overrides)
+    vocab = build_vocab(cfg.n_vocab)
+    n_blocks = cfg.n_layer + cfg.n_mtp_layers
+    ratios = list(cfg.compress_ratios) + [0] * cfg.n_mtp_layers
+    ratios_key = ratios + ([0] if cfg.n_mtp_layers == 0 else [])   # one extra entry, like the real files
+    shexp = cfg.swiglu_limit if cfg.swiglu_limit_shared is None else cfg.swiglu_limit_shared
+
+    w = GGUFWriter(os.fspath(path), ARCH)
+    k = f"{ARCH}."
+    U32, F32, BOOL, STR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL, GGUFValueType.STRING
+    ARR, I32 = GGUFValueType.ARRAY, GGUFValueType.INT32
+    kv = [
+        ("block_count", n_blocks, U32),
+        ("context_length", cfg.context_length, U32),
+        ("embedding_length", cfg.n_embd, U32),
+        ("embedding_length_out", cfg.hc_mult * cfg.n_embd, U32),
+        ("feed_forward_length", cfg.expert_ff, U32),
+        ("attention.head_count", cfg.n_head, U32),
+        ("attention.head_count_kv", 1, U32),
+        ("attention.key_length", cfg.head_dim, U32),
+        ("attention.value_length", cfg.head_dim, U32),
+        ("rope.dimension_count", cfg.n_rot, U32),
+        ("rope.freq_base", cfg.rope_freq_base, F32),
+        ("rope.scaling.type", "yarn", STR),
+        ("rope.scaling.factor", cfg.rope_scaling_factor, F32),
+        ("rope.scaling.original_context_length", cfg.rope_orig_ctx, U32),
+        ("rope.scaling.yarn_beta_fast", 32.0, F32),
+        ("rope.scaling.yarn_beta_slow", 1.0, F32),
+        ("attention.layer_norm_rms_epsilon", cfg.norm_eps, F32),
+        ("attention.q_lora_rank", cfg.q_lora_rank, U32),
+        ("attention.sliding_window", cfg.n_swa, U32),
+        ("expert_count", cfg.n_expert, U32),
+        ("expert_used_count", cfg.n_expert_used, U32),
+        ("expert_feed_forward_length", cfg.expert_ff, U32),
+        ("expert_shared_count", cfg.n_expert_shared, U32),
+        ("expert_weights_scale", cfg.expert_weights_scale, F32),
+        ("expert_weights_norm", True, BOOL),
+        ("expert_gating_func", 4, U32),
+    ]
+    for key, value, vtype in kv:
+        w.add_key_value(k + key, value, vtype)
+    w.add_key_value(k + "swiglu_clamp_exp", [cfg.swiglu_limit] * n_blocks, ARR, sub_type=F32)
+    w.add_key_value(k + "swiglu_clamp_shexp", [shexp] * n_blocks, ARR, sub_type=F32)
+    for key, value, vtype in [
+        ("attention.indexer.head_count", cfg.indexer_n_head, U32),
+        ("attention.indexer.key_length", cfg.indexer_head_dim, U32),
+        ("attention.indexer.top_k", cfg.indexer_top_k, U32),
+        ("attention.output_group_count", cfg.o_groups, U32),
+        ("attention.output_lora_rank", cfg.o_lora_rank, U32),
+    ]:
+        w.add_key_value(k + key, value, vtype)
+    w.add_key_value(k + "attention.compress_ratios", ratios_key, ARR, sub_type=I32)
+    w.add_key_value(k + "attention.compress_rope_freq_base", cfg.compress_rope_freq_base, F32)
+    w.add_key_value(k + "hyper_connection.count", cfg.hc_mult, U32)
+    w.add_key_value(k + "hyper_connection.sinkhorn_iterations", cfg.hc_sinkhorn_iters, U32)
+    w.add_key_value(k + "hyper_connection.epsilon", cfg.hc_eps, F32)
+    w.add_key_value(k + "hash_layer_count", cfg.n_hash_layers, U32)
+    if cfg.n_mtp_layers:
+        w.add_key_value(k + "nextn_predict_layers", cfg.n_mtp_layers, U32)
+
+    w.add_key_value("tokenizer.ggml.model", "gpt2", STR)
+    w.add_key_value("tokenizer.ggml.pre", "deepseek-v3", STR)
+    w.add_key_value("tokenizer.ggml.tokens", list(vocab.tokens), ARR, sub_type=STR)
+    w.add_key_value("tokenizer.ggml.token_type", list(vocab.token_types), ARR, sub_type=I32)
+    w.add_key_value("tokenizer.ggml.merges", list(vocab.merges), ARR, sub_type=STR)
+    w.add_key_value("tokenizer.ggml.bos_token_id", vocab.bos_id, U32)
+    w.add_key_value("tokenizer.ggml.eos_token_id", vocab.eos_id, U32)
+    w.add_key_value("tokenizer.ggml.add_bos_token", True, BOOL)
+
+    rng = _Weights(seed)
+    D, HC = cfg.n_embd, cfg.hc_mult
+    tensors = [
+        ("token_embd.weight", rng.normal(1.0, cfg.n_vocab, D)),
+        ("output_norm.weight", rng.normal(0.1, D, mean=1.0)),
+        ("output.weight", rng.matrix(D, cfg.n_vocab)),
+        ("output_hc_fn.weight", rng.normal(1.0 / np.sqrt(HC * D), HC, HC * D)),
+        ("output_hc_base.weight", rng.normal(0.5, HC)),
+        ("output_hc_scale.weight", rng.uniform(0.5, 1.5, 1)),
+    ]
+    for il in range(n_blocks):
+        tensors += _layer_tensors(cfg, rng, il, mtp=il >= cfg.n_layer)
+    for name, data in tensors:
+        w.add_tensor(name, np.ascontiguousarray(data))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = dataclasses.asdict(cfg)
+    out["seed"] = seed
+    return out
