@@ -63,7 +63,7 @@ class Expr:
         raise NotImplementedError
 
     def cpp(self, wide: bool = False) -> str:
-        """C++ text. Normally symbols read the struct (`hp.n_embd`, `hp.compress_ratio[il]`);
+        """C++ text. Normally symbols read the struct (`hp.n_embd`, `hp.compress_ratios[il]`);
         with `wide` they name int64_t locals of the same name (shape arithmetic, which must not
         overflow 32 bits), which the emitter declares."""
         raise NotImplementedError

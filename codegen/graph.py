@@ -128,7 +128,7 @@ class Stmt:
 class Variant:
     """One generated function of a block: a name suffix, the layers it applies to (`when`),
     attributes the block function reads (`L.<attr>`), and hyperparameter values the variant
-    fixes (`known`, e.g. compress_ratio = 4), which fold into the weights' shapes."""
+    fixes (`known`, e.g. compress_ratios = 4), which fold into the weights' shapes."""
 
     suffix: str
     when: Expr

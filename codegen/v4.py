@@ -44,7 +44,7 @@ n_swa = m.hparam("n_swa", "attention.sliding_window", U32,
 o_groups = m.hparam("o_groups", "attention.output_group_count", U32, "output groups G")
 o_lora_rank = m.hparam("o_lora_rank", "attention.output_lora_rank", U32,
                        "output low rank R (per group)")
-compress_ratio = m.hparam("compress_ratio", "attention.compress_ratios", Kind.INT_ARRAY,
+compress_ratios = m.hparam("compress_ratios", "attention.compress_ratios", Kind.INT_ARRAY,
                           "per-layer KV compression ratio: 0 (window only), 4 (CSA), 128 (HCA)",
                           choices=(0, 4, 128), length=n_layer_all, min_length=True)
 compress_rope_freq_base = m.hparam("compress_rope_freq_base",
@@ -59,7 +59,7 @@ indexer_top_k = m.hparam("indexer_top_k", "attention.indexer.top_k", U32,
 n_expert = m.hparam("n_expert", "expert_count", U32, "routed experts E")
 n_expert_used = m.hparam("n_expert_used", "expert_used_count", U32, "active experts K")
 n_expert_shared = m.hparam("n_expert_shared", "expert_shared_count", U32, "shared experts")
-n_ff_exp = m.hparam("n_ff_exp", "expert_feed_forward_length", Kind.U32_PER_LAYER,
+expert_ff = m.hparam("expert_ff", "expert_feed_forward_length", Kind.U32_PER_LAYER,
                     "expert FFN width (one value, or one per block)", length=n_layer_all)
 expert_weights_scale = m.hparam("expert_weights_scale", "expert_weights_scale", F32,
                                 "routed scaling factor")
@@ -124,7 +124,7 @@ m.check(n_expert >= 1, "must be at least 1", n_expert)
 m.check(n_expert_used >= 1, "must be at least 1", n_expert_used)
 m.check(n_expert_used <= n_expert, "must not exceed expert_count", n_expert_used)
 m.check(n_expert_shared.eq(1), "must be 1 (one shared expert per layer)", n_expert_shared)
-m.check(n_ff_exp >= 1, "must be at least 1", n_ff_exp)
+m.check(expert_ff >= 1, "must be at least 1", expert_ff)
 m.check(expert_weights_norm, "must be true (DeepSeek-V4 renormalises the top-k weights)",
         expert_weights_norm)
 m.check(hc_mult.eq(4), "must be 4", hc_mult)
@@ -136,12 +136,12 @@ m.check(eos_token_id < n_vocab, "not a valid token id (must be below the vocabul
 m.check(n_ctx_train >= 1, "must be at least 1", n_ctx_train)
 m.check(rope_orig_ctx >= 1, "must be at least 1", rope_orig_ctx)
 # the MTP block (index >= n_layer) is window-only (§1.2)
-m.check((LAYER < n_layer) | compress_ratio.eq(0), "the MTP block is window-only: its entry must be 0", compress_ratio)
+m.check((LAYER < n_layer) | compress_ratios.eq(0), "the MTP block is window-only: its entry must be 0", compress_ratios)
 
 # --- §2.1 tensors ------------------------------------------------------------------------------
 W, F, I, FL = DType.WEIGHT, DType.F32, DType.I32, DType.FLOAT
 T = m.tensor
-ratio = compress_ratio
+ratio = compress_ratios
 is_mtp = LAYER >= n_layer
 hashed = (LAYER < n_hash_layers) & ~is_mtp
 c = select(ratio.eq(4), 2, 1)          # overlapping compressor keeps two halves (§3.5)
@@ -179,17 +179,17 @@ T("exp_probs_b", "blk.{il}.exp_probs_b.bias", (n_expert,), F,
   "router selection bias", when=~hashed)
 T("exp_probs_b_vl", "blk.{il}.exp_probs_b_vl.bias", (n_expert,), F,
   "router selection bias for image tokens (vision variant; unused)", required=False)
-T("ffn_gate_exps", "blk.{il}.ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert), W,
+T("ffn_gate_exps", "blk.{il}.ffn_gate_exps.weight", (n_embd, expert_ff, n_expert), W,
   "routed experts w1")
-T("ffn_up_exps", "blk.{il}.ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert), W,
+T("ffn_up_exps", "blk.{il}.ffn_up_exps.weight", (n_embd, expert_ff, n_expert), W,
   "routed experts w3")
-T("ffn_down_exps", "blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert), W,
+T("ffn_down_exps", "blk.{il}.ffn_down_exps.weight", (expert_ff, n_embd, n_expert), W,
   "routed experts w2")
-T("ffn_gate_shexp", "blk.{il}.ffn_gate_shexp.weight", (n_embd, n_ff_exp * n_expert_shared), W,
+T("ffn_gate_shexp", "blk.{il}.ffn_gate_shexp.weight", (n_embd, expert_ff * n_expert_shared), W,
   "shared expert w1")
-T("ffn_up_shexp", "blk.{il}.ffn_up_shexp.weight", (n_embd, n_ff_exp * n_expert_shared), W,
+T("ffn_up_shexp", "blk.{il}.ffn_up_shexp.weight", (n_embd, expert_ff * n_expert_shared), W,
   "shared expert w3")
-T("ffn_down_shexp", "blk.{il}.ffn_down_shexp.weight", (n_ff_exp * n_expert_shared, n_embd), W,
+T("ffn_down_shexp", "blk.{il}.ffn_down_shexp.weight", (expert_ff * n_expert_shared, n_embd), W,
   "shared expert w2")
 
 compressed = ratio.ne(0)
@@ -241,9 +241,9 @@ block = block_decorator(m, BLOCKS)
 D, H, Dh, HC = n_embd, n_head, head_dim, hc_mult
 
 ATTENTION = [
-    Variant("swa", ratio.eq(0), {"ratio": 0}, {"compress_ratio": 0}),
-    Variant("csa", ratio.eq(4), {"ratio": 4}, {"compress_ratio": 4}),
-    Variant("hca", ratio.eq(128), {"ratio": 128}, {"compress_ratio": 128}),
+    Variant("swa", ratio.eq(0), {"ratio": 0}, {"compress_ratios": 0}),
+    Variant("csa", ratio.eq(4), {"ratio": 4}, {"compress_ratios": 4}),
+    Variant("hca", ratio.eq(128), {"ratio": 128}, {"compress_ratios": 128}),
 ]
 ROUTING = [
     Variant("hash", hashed, {"hashed": True}),
@@ -251,11 +251,11 @@ ROUTING = [
 ]
 COMPRESSORS = [
     Variant("csa", csa, {"stream": "CSA", "ratio": 4, "width": head_dim, "w": "attn_compressor"},
-            {"compress_ratio": 4}),
+            {"compress_ratios": 4}),
     Variant("hca", ratio.eq(128), {"stream": "HCA", "ratio": 128, "width": head_dim,
-                                   "w": "attn_compressor"}, {"compress_ratio": 128}),
+                                   "w": "attn_compressor"}, {"compress_ratios": 128}),
     Variant("indexer", csa, {"stream": "INDEXER", "ratio": 4, "width": indexer_head_dim,
-                             "w": "indexer_compressor"}, {"compress_ratio": 4}),
+                             "w": "indexer_compressor"}, {"compress_ratios": 4}),
 ]
 HC_SPLIT = Output(None, ctype="HcSplit", fields={
     "y": ((D, T), "f32"), "post": ((HC, T), "f32"), "comb": ((HC, HC, T), "f32")})

@@ -77,6 +77,70 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _default_model() -> str:
+    """The embedded default: the tiny model of spec §8 (seed 0), written to a temporary file."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from .tiny import write_tiny_model
+
+    d = tempfile.mkdtemp(prefix="dsv4-tiny-")
+    atexit.register(shutil.rmtree, d, True)
+    path = os.path.join(d, "tiny-seed0.gguf")
+    write_tiny_model(path, seed=0)
+    return path
+
+
+def cmd_run(args) -> int:
+    import time
+
+    import numpy as np
+
+    from .model import Model
+    from .tokenizer import Dsv4Tokenizer, StreamDecoder
+
+    path = args.model or _default_model()
+    if not args.model:
+        print(f"(no -m given: using the embedded tiny DeepSeek-V4 model, random weights: {path})",
+              file=sys.stderr)
+    t0 = time.perf_counter()
+    m = Model(path, n_ctx=args.ctx, n_threads=args.threads)
+    tok = Dsv4Tokenizer.from_model(m)
+    ids = tok.encode(args.prompt)
+    if len(ids) + args.n_predict > m.n_ctx:
+        print(f"dsv4-ggml run: prompt ({len(ids)} tokens) + {args.n_predict} exceed --ctx {m.n_ctx}",
+              file=sys.stderr)
+        return 2
+    t_load = time.perf_counter() - t0
+    rng = np.random.default_rng(args.seed)
+    out = StreamDecoder(tok)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    t1 = time.perf_counter()
+    logits = m.eval(ids, logits="last")[0]
+    t_prompt = time.perf_counter() - t1
+    n_gen = 0
+    t2 = time.perf_counter()
+    for _ in range(args.n_predict):
+        if args.temp <= 0:
+            nxt = int(logits.argmax())
+        else:
+            p = np.exp((logits - logits.max()) / args.temp)
+            nxt = int(rng.choice(len(p), p=p / p.sum()))
+        if nxt == tok.eos_id:
+            break
+        sys.stdout.write(out.push(nxt))
+        sys.stdout.flush()
+        n_gen += 1
+        logits = m.eval([nxt], logits="last")[0]
+    sys.stdout.write(out.flush() + "\n")
+    t_gen = time.perf_counter() - t2
+    print(f"load {t_load:.2f} s | prompt {len(ids)} tokens, {len(ids) / t_prompt:.1f} tokens/s | "
+          f"generated {n_gen} tokens, {n_gen / max(t_gen, 1e-9):.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
 def cmd_version(args) -> int:
     from . import __version__, _native
 
@@ -110,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.add_argument("--ctx", type=int, default=0, help="context length to validate against")
     i.set_defaults(fn=cmd_inspect)
+
+    r = sub.add_parser("run", help="generate text from a prompt (streams tokens)",
+                       description="Generate text. Without -m, runs the embedded tiny model.")
+    r.add_argument("-m", "--model", help="a DeepSeek-V4 .gguf file (default: the embedded tiny model)")
+    r.add_argument("-p", "--prompt", default="The quick brown fox", help="prompt text")
+    r.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    r.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, the default)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed")
+    r.add_argument("-c", "--ctx", type=int, default=4096, help="context length (default 4096)")
+    r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("version", help="print versions", description="Print versions.")
     v.set_defaults(fn=cmd_version)

@@ -130,13 +130,18 @@ class Model:
         _native.check(self._lib.dsv4_session_n_past(self._session, n))
         return int(n[0])
 
+    def stats(self) -> dict[str, int]:
+        """Session counters: n_past, n_ubatches, n_graph_builds, n_graph_nodes, state_bytes,
+        compute_bytes."""
+        self._require_open()
+        st = self._ffi.new("dsv4_session_stats *")
+        _native.check(self._lib.dsv4_session_get_stats(self._session, st))
+        return {name: int(getattr(st, name)) for name, _ in self._ffi.typeof("dsv4_session_stats").fields}
+
     @property
     def state_bytes(self) -> int:
         """Bytes of the session's persistent state (sized from n_ctx and the compress ratios)."""
-        self._require_open()
-        n = self._ffi.new("uint64_t *")
-        _native.check(self._lib.dsv4_session_state_bytes(self._session, n))
-        return int(n[0])
+        return self.stats()["state_bytes"]
 
     # --- properties --------------------------------------------------------------------------
     @property

@@ -110,9 +110,9 @@ def test_v4_shapes_for_the_real_model_match_spec_section_2():
         "n_layer_all": 44, "n_nextn": 1, "n_layer": 43, "n_embd": 4096, "n_head": 64,
         "head_dim": 512, "q_lora_rank": 1024, "o_groups": 8, "o_lora_rank": 1024,
         "indexer_n_head": 64, "indexer_head_dim": 128, "n_expert": 256, "n_expert_used": 6,
-        "n_expert_shared": 1, "n_ff_exp": [2048] * 44, "hc_mult": 4, "hc_dim": 16384,
+        "n_expert_shared": 1, "expert_ff": [2048] * 44, "hc_mult": 4, "hc_dim": 16384,
         "hc_mix": 24, "n_hash_layers": 3, "n_vocab": 129280,
-        "compress_ratio": [0, 0] + [4, 128] * 20 + [4, 0],
+        "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0],
     }
     exp = MODEL.expected_tensors(env)
     assert exp["blk.7.attn_output_a.weight"][0] == (4096, 8192)
@@ -181,3 +181,90 @@ def test_cli_generate_check_exit_codes(tmp_path):
 def test_every_output_has_a_template():
     for template in OUTPUTS.values():
         assert (REPO / "codegen" / "templates" / template).exists()
+
+
+# --- the block IR (codegen/graph.py) -------------------------------------------------------------
+
+from codegen.graph import T as T_DIM  # noqa: E402
+from codegen.graph import Builder, Output, Variant, block_decorator, fold, same  # noqa: E402
+
+
+def toy_blocks():
+    m = small_model()
+    h = m.hparam("n_head", "head_count", Kind.U32, "heads")
+    dh = m.hparam("head_dim", "key_length", Kind.U32, "head dim")
+    m.hparam("norm_eps", "eps", Kind.F32, "eps")
+    m.tensor("q", "blk.{il}.q.weight", (m.sym("n_embd"), h * dh), DType.WEIGHT, "q")
+    m.tensor("n", "blk.{il}.n.weight", (m.sym("n_embd"),), DType.F32, "n")
+    blocks = []
+    return m, blocks, block_decorator(m, blocks)
+
+
+def test_block_ops_infer_shapes_and_name_values_after_locals():
+    m, blocks, block = toy_blocks()
+    d, h, dh = m.sym("n_embd"), m.sym("n_head"), m.sym("head_dim")
+
+    @block("attn", "§x", params=[("x", (d, T_DIM))], output=Output((dh, h, T_DIM)))
+    def attn(b, L, x):
+        q = b.linear(L.q, b.rms_norm(x, L.n))
+        heads = b.heads(q, h, dh)
+        return b.rms_norm(heads)
+
+    bld, out = attn.build(attn.variants[0])
+    names = [st.out.name for st in bld.stmts]
+    assert names == ["x_norm", "q", "heads", "out"]
+    assert same(out.shape[0], dh) and same(out.shape[1], h)
+    assert bld.stmts[1].render() == "ggml_mul_mat(ctx, L.q, x_norm)"
+    assert bld.stmts[2].render() == "ggml_reshape_3d(ctx, q, head_dim, n_head, T)"
+    assert bld.dims_used == {"head_dim", "n_head"}
+
+
+def test_block_ops_reject_shape_mismatches():
+    m, blocks, block = toy_blocks()
+    d, h, dh = m.sym("n_embd"), m.sym("n_head"), m.sym("head_dim")
+    variant = Variant("", dsl.Const(True), {})
+    b = Builder(m, variant, True)
+    x = b.param("x", (d, T_DIM))
+    q = b.param("q", (h * dh, T_DIM))
+    w = b.param("w", (h, d))
+    with pytest.raises(DslError, match="takes n_head inputs"):
+        b.linear(w, x)
+    with pytest.raises(DslError, match="is not 3 heads"):
+        b.heads(q, 3, dh)
+    with pytest.raises(DslError, match="does not broadcast"):
+        b.add(x, q)
+    with pytest.raises(DslError, match="does not match"):
+        b.rms_norm(x, b.param("nw", (dh,)))
+    with pytest.raises(DslError, match="only known to the runtime"):
+        b.reshape(x, (dsl.Sym("n_view"), T_DIM))
+
+
+def test_block_returning_the_wrong_shape_is_rejected():
+    m, blocks, block = toy_blocks()
+    d = m.sym("n_embd")
+
+    @block("bad", "§x", params=[("x", (d, T_DIM))], output=Output((m.sym("n_head"), T_DIM)))
+    def bad(b, L, x):
+        return b.rms_norm(x)
+
+    with pytest.raises(DslError, match="returns"):
+        bad.build(bad.variants[0])
+
+
+def test_products_compare_up_to_order_and_derived_definitions():
+    from codegen.v4 import MODEL as V4
+    Builder(V4, Variant("", dsl.Const(True), {}), True)   # registers the derived values
+    hc, d = V4.sym("hc_mult"), V4.sym("n_embd")
+    assert same(V4.sym("hc_dim"), d * hc)
+    assert same(2 * 4, 8) and not same(d, hc)
+    ratio = V4.sym("compress_ratios")
+    c = fold(select(ratio.eq(4), 2, 1) * V4.sym("head_dim"), {"compress_ratios": 4})
+    assert same(c, 2 * V4.sym("head_dim"))
+
+
+def test_v4_blocks_have_one_function_per_variant():
+    from codegen.v4 import BLOCKS
+    names = {b.c_name(v) for b in BLOCKS for v in b.variants}
+    assert {"attention_swa", "attention_csa", "attention_hca", "moe_hash", "moe_routed",
+            "compress_csa", "compress_hca", "compress_indexer", "hc_pre", "layer", "embed",
+            "output_head", "indexer"} == names

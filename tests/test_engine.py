@@ -198,3 +198,19 @@ def test_state_memory_is_sized_from_n_ctx_and_the_ratios(tiny_model):
               - dsv4_ggml.Model(tiny_model, n_ctx=512).state_bytes) / (4096 - 512)
     # 2 CSA layers × (256 + 128) / 4 + 2 HCA layers × 256 / 128 floats per token = 196 floats
     assert abs(growth - 4 * 196) < 4
+
+
+def test_decode_reuses_the_graph_between_steps(tiny_model):
+    """A decode step rebuilds its graph only when a visible-cache width changes (every 64
+    compressed blocks), not every token."""
+    m = dsv4_ggml.Model(tiny_model, n_ctx=1024)
+    m.eval(prompt(100, 11))
+    before = m.stats()
+    for t in prompt(200, 12):
+        m.eval([int(t)])
+    after = m.stats()
+    builds = after["n_graph_builds"] - before["n_graph_builds"]
+    print(f"200 decode steps: {builds} graph builds, {after['n_graph_nodes']} nodes, "
+          f"compute buffer {after['compute_bytes']} bytes")
+    assert after["n_ubatches"] - before["n_ubatches"] == 200
+    assert builds <= 3

@@ -40,7 +40,7 @@ def test_tiny_model_loads_with_its_hparams_and_tensor_table(base):
     m = open_model(base)
     hp = m.hparams
     assert hp["n_layer"] == 6 and hp["n_embd"] == 256 and m.n_vocab == 512
-    assert hp["compress_ratio"] == [0, 4, 128, 0, 4, 128]
+    assert hp["compress_ratios"] == [0, 4, 128, 0, 4, 128]
     assert hp["hc_dim"] == 4 * 256 and hp["hc_mix"] == 24 and hp["n_nope"] == 192
     names = {t.name for t in m.tensors}
     assert "blk.1.indexer.attn_q_b.weight" in names and "blk.0.ffn_gate_tid2eid.weight" in names

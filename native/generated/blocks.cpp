@@ -52,7 +52,7 @@ HcSplit hc_pre(Step & s, ggml_tensor * X, ggml_tensor * fn, ggml_tensor * scale,
     return {y, post, comb};
 }
 
-// §3.5 compress (layers where compress_ratio == 4)
+// §3.5 compress (layers where compress_ratios == 4)
 // Runs one compressor over the batch: projects values and gate logits, pools every block
 // the batch completes, norms and ropes each entry at its block's first position, writes it
 // into the layer's cache and returns the cache rows the batch may see.
@@ -91,7 +91,7 @@ ggml_tensor * compress_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_t
     return out;
 }
 
-// §3.5 compress (layers where compress_ratio == 128)
+// §3.5 compress (layers where compress_ratios == 128)
 // Runs one compressor over the batch: projects values and gate logits, pools every block
 // the batch completes, norms and ropes each entry at its block's first position, writes it
 // into the layer's cache and returns the cache rows the batch may see.
@@ -119,7 +119,7 @@ ggml_tensor * compress_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_t
     return out;
 }
 
-// §3.5 compress (layers where compress_ratio == 4)
+// §3.5 compress (layers where compress_ratios == 4)
 // Runs one compressor over the batch: projects values and gate logits, pools every block
 // the batch completes, norms and ropes each entry at its block's first position, writes it
 // into the layer's cache and returns the cache rows the batch may see.
@@ -179,7 +179,7 @@ ggml_tensor * indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor
     return out;
 }
 
-// §3.4 attention (layers where compress_ratio == 0)
+// §3.4 attention (layers where compress_ratios == 0)
 // Attention of one layer: low-rank query, one shared key/value vector (MQA), keys from the
 // sliding window plus the layer's compressed entries, sinks, grouped low-rank output.
 ggml_tensor * attention_swa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
@@ -213,7 +213,7 @@ ggml_tensor * attention_swa(Step & s, const LayerWeights & L, uint32_t il, ggml_
     return out;
 }
 
-// §3.4 attention (layers where compress_ratio == 4)
+// §3.4 attention (layers where compress_ratios == 4)
 // Attention of one layer: low-rank query, one shared key/value vector (MQA), keys from the
 // sliding window plus the layer's compressed entries, sinks, grouped low-rank output.
 ggml_tensor * attention_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
@@ -250,7 +250,7 @@ ggml_tensor * attention_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_
     return out;
 }
 
-// §3.4 attention (layers where compress_ratio == 128)
+// §3.4 attention (layers where compress_ratios == 128)
 // Attention of one layer: low-rank query, one shared key/value vector (MQA), keys from the
 // sliding window plus the layer's compressed entries, sinks, grouped low-rank output.
 ggml_tensor * attention_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
@@ -400,13 +400,13 @@ ggml_tensor * output_head(Step & s, const Weights & W, ggml_tensor * X) {
 // §3.4 attention: picks the variant of layer il
 ggml_tensor * attention(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
     const dsv4_hparams & hp = s.hp;
-    if (hp.compress_ratio[il] == 0) {
+    if (hp.compress_ratios[il] == 0) {
         return attention_swa(s, L, il, x);
     }
-    if (hp.compress_ratio[il] == 4) {
+    if (hp.compress_ratios[il] == 4) {
         return attention_csa(s, L, il, x);
     }
-    if (hp.compress_ratio[il] == 128) {
+    if (hp.compress_ratios[il] == 128) {
         return attention_hca(s, L, il, x);
     }
     fail(DSV4_ERR_INTERNAL, "attention: no variant for layer %u", unsigned(il));

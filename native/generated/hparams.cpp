@@ -205,9 +205,9 @@ void read_hparams(const GgufFile & f, dsv4_hparams & hp) {
     }
 
     // per-layer KV compression ratio: 0 (window only), 4 (CSA), 128 (HCA)
-    f.get_int_array("deepseek4.attention.compress_ratios", hp.n_layer_all, true, hp.compress_ratio, {0, 4, 128});
+    f.get_int_array("deepseek4.attention.compress_ratios", hp.n_layer_all, true, hp.compress_ratios, {0, 4, 128});
     // expert FFN width (one value, or one per block)
-    f.get_u32_per_layer("deepseek4.expert_feed_forward_length", hp.n_layer_all, hp.n_ff_exp, true);
+    f.get_u32_per_layer("deepseek4.expert_feed_forward_length", hp.n_layer_all, hp.expert_ff, true);
     // SwiGLU limit of routed experts (one value, or one per block)
     f.get_f32_per_layer("deepseek4.swiglu_clamp_exp", hp.n_layer_all, hp.swiglu_clamp_exp, true);
     // SwiGLU limit of the shared expert (falls back to the routed one)
@@ -216,11 +216,11 @@ void read_hparams(const GgufFile & f, dsv4_hparams & hp) {
     }
 
     for (uint32_t il = 0; il < hp.n_layer_all; ++il) {
-        if (!(hp.n_ff_exp[il] >= 1)) {
-            fail(DSV4_ERR_BAD_KEY, "metadata key '%s' entry %u is %u: must be at least 1", "deepseek4.expert_feed_forward_length", unsigned(il), unsigned(hp.n_ff_exp[il]));
+        if (!(hp.expert_ff[il] >= 1)) {
+            fail(DSV4_ERR_BAD_KEY, "metadata key '%s' entry %u is %u: must be at least 1", "deepseek4.expert_feed_forward_length", unsigned(il), unsigned(hp.expert_ff[il]));
         }
-        if (!((il < hp.n_layer) || (hp.compress_ratio[il] == 0))) {
-            fail(DSV4_ERR_BAD_KEY, "metadata key '%s' entry %u is %d: the MTP block is window-only: its entry must be 0", "deepseek4.attention.compress_ratios", unsigned(il), int(hp.compress_ratio[il]));
+        if (!((il < hp.n_layer) || (hp.compress_ratios[il] == 0))) {
+            fail(DSV4_ERR_BAD_KEY, "metadata key '%s' entry %u is %d: the MTP block is window-only: its entry must be 0", "deepseek4.attention.compress_ratios", unsigned(il), int(hp.compress_ratios[il]));
         }
     }
 }

@@ -46,8 +46,8 @@ void bind_weights(const dsv4_hparams & hp, WeightBinder & b, Weights & w) {
 
     w.layers.assign(hp.n_layer_all, LayerWeights{});
     for (uint32_t il = 0; il < hp.n_layer_all; ++il) {
-        const int64_t compress_ratio = hp.compress_ratio[il];
-        const int64_t n_ff_exp = hp.n_ff_exp[il];
+        const int64_t compress_ratios = hp.compress_ratios[il];
+        const int64_t expert_ff = hp.expert_ff[il];
         LayerWeights & L = w.layers[il];
 
         // attention input norm
@@ -116,69 +116,69 @@ void bind_weights(const dsv4_hparams & hp, WeightBinder & b, Weights & w) {
             {n_expert}, "{n_expert}", {});
         // routed experts w1
         L.ffn_gate_exps = b.bind(layer_name("blk.%d.ffn_gate_exps.weight", il), DType::WEIGHT, Need::REQUIRED,
-            {n_embd, n_ff_exp, n_expert}, "{n_embd, n_ff_exp, n_expert}", {});
+            {n_embd, expert_ff, n_expert}, "{n_embd, expert_ff, n_expert}", {});
         // routed experts w3
         L.ffn_up_exps = b.bind(layer_name("blk.%d.ffn_up_exps.weight", il), DType::WEIGHT, Need::REQUIRED,
-            {n_embd, n_ff_exp, n_expert}, "{n_embd, n_ff_exp, n_expert}", {});
+            {n_embd, expert_ff, n_expert}, "{n_embd, expert_ff, n_expert}", {});
         // routed experts w2
         L.ffn_down_exps = b.bind(layer_name("blk.%d.ffn_down_exps.weight", il), DType::WEIGHT, Need::REQUIRED,
-            {n_ff_exp, n_embd, n_expert}, "{n_ff_exp, n_embd, n_expert}", {});
+            {expert_ff, n_embd, n_expert}, "{expert_ff, n_embd, n_expert}", {});
         // shared expert w1
         L.ffn_gate_shexp = b.bind(layer_name("blk.%d.ffn_gate_shexp.weight", il), DType::WEIGHT, Need::REQUIRED,
-            {n_embd, n_ff_exp * n_expert_shared}, "{n_embd, n_ff_exp * n_expert_shared}", {});
+            {n_embd, expert_ff * n_expert_shared}, "{n_embd, expert_ff * n_expert_shared}", {});
         // shared expert w3
         L.ffn_up_shexp = b.bind(layer_name("blk.%d.ffn_up_shexp.weight", il), DType::WEIGHT, Need::REQUIRED,
-            {n_embd, n_ff_exp * n_expert_shared}, "{n_embd, n_ff_exp * n_expert_shared}", {});
+            {n_embd, expert_ff * n_expert_shared}, "{n_embd, expert_ff * n_expert_shared}", {});
         // shared expert w2
         L.ffn_down_shexp = b.bind(layer_name("blk.%d.ffn_down_shexp.weight", il), DType::WEIGHT, Need::REQUIRED,
-            {n_ff_exp * n_expert_shared, n_embd}, "{n_ff_exp * n_expert_shared, n_embd}", {});
+            {expert_ff * n_expert_shared, n_embd}, "{expert_ff * n_expert_shared, n_embd}", {});
         // compressor values (§3.5)
-        if (compress_ratio != 0) {
+        if (compress_ratios != 0) {
             L.attn_compressor_kv = b.bind(layer_name("blk.%d.attn_compressor_kv.weight", il), DType::WEIGHT, Need::REQUIRED,
-                {n_embd, ((compress_ratio == 4) ? 2 : 1) * head_dim}, "{n_embd, (2 if (compress_ratio == 4) else 1) * head_dim}", {});
+                {n_embd, ((compress_ratios == 4) ? 2 : 1) * head_dim}, "{n_embd, (2 if (compress_ratios == 4) else 1) * head_dim}", {});
         }
         // compressor gate logits
-        if (compress_ratio != 0) {
+        if (compress_ratios != 0) {
             L.attn_compressor_gate = b.bind(layer_name("blk.%d.attn_compressor_gate.weight", il), DType::WEIGHT, Need::REQUIRED,
-                {n_embd, ((compress_ratio == 4) ? 2 : 1) * head_dim}, "{n_embd, (2 if (compress_ratio == 4) else 1) * head_dim}", {});
+                {n_embd, ((compress_ratios == 4) ? 2 : 1) * head_dim}, "{n_embd, (2 if (compress_ratios == 4) else 1) * head_dim}", {});
         }
         // compressor position bias on the gate
-        if (compress_ratio != 0) {
+        if (compress_ratios != 0) {
             L.attn_compressor_ape = b.bind(layer_name("blk.%d.attn_compressor_ape.weight", il), DType::FLOAT, Need::REQUIRED,
-                {((compress_ratio == 4) ? 2 : 1) * head_dim, compress_ratio}, "{(2 if (compress_ratio == 4) else 1) * head_dim, compress_ratio}", {});
+                {((compress_ratios == 4) ? 2 : 1) * head_dim, compress_ratios}, "{(2 if (compress_ratios == 4) else 1) * head_dim, compress_ratios}", {});
         }
         // compressed entry norm
-        if (compress_ratio != 0) {
+        if (compress_ratios != 0) {
             L.attn_compressor_norm = b.bind(layer_name("blk.%d.attn_compressor_norm.weight", il), DType::F32, Need::REQUIRED,
                 {head_dim}, "{head_dim}", {});
         }
         // indexer query (§3.6)
-        if (compress_ratio == 4) {
+        if (compress_ratios == 4) {
             L.indexer_attn_q_b = b.bind(layer_name("blk.%d.indexer.attn_q_b.weight", il), DType::WEIGHT, Need::REQUIRED,
                 {q_lora_rank, indexer_n_head * indexer_head_dim}, "{q_lora_rank, indexer_n_head * indexer_head_dim}", {});
         }
         // indexer head weights
-        if (compress_ratio == 4) {
+        if (compress_ratios == 4) {
             L.indexer_proj = b.bind(layer_name("blk.%d.indexer.proj.weight", il), DType::WEIGHT, Need::REQUIRED,
                 {n_embd, indexer_n_head}, "{n_embd, indexer_n_head}", {});
         }
         // indexer compressor values
-        if (compress_ratio == 4) {
+        if (compress_ratios == 4) {
             L.indexer_compressor_kv = b.bind(layer_name("blk.%d.indexer_compressor_kv.weight", il), DType::WEIGHT, Need::REQUIRED,
                 {n_embd, 2 * indexer_head_dim}, "{n_embd, 2 * indexer_head_dim}", {});
         }
         // indexer compressor gate logits
-        if (compress_ratio == 4) {
+        if (compress_ratios == 4) {
             L.indexer_compressor_gate = b.bind(layer_name("blk.%d.indexer_compressor_gate.weight", il), DType::WEIGHT, Need::REQUIRED,
                 {n_embd, 2 * indexer_head_dim}, "{n_embd, 2 * indexer_head_dim}", {});
         }
         // indexer compressor position bias
-        if (compress_ratio == 4) {
+        if (compress_ratios == 4) {
             L.indexer_compressor_ape = b.bind(layer_name("blk.%d.indexer_compressor_ape.weight", il), DType::FLOAT, Need::REQUIRED,
-                {2 * indexer_head_dim, compress_ratio}, "{2 * indexer_head_dim, compress_ratio}", {});
+                {2 * indexer_head_dim, compress_ratios}, "{2 * indexer_head_dim, compress_ratios}", {});
         }
         // indexer key norm
-        if (compress_ratio == 4) {
+        if (compress_ratios == 4) {
             L.indexer_compressor_norm = b.bind(layer_name("blk.%d.indexer_compressor_norm.weight", il), DType::F32, Need::REQUIRED,
                 {indexer_head_dim}, "{indexer_head_dim}", {});
         }

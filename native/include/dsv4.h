@@ -75,7 +75,7 @@ typedef struct dsv4_hparams {
     uint32_t n_swa;  /* sliding window: the query and the previous n_swa-1 tokens (deepseek4.attention.sliding_window) */
     uint32_t o_groups;  /* output groups G (deepseek4.attention.output_group_count) */
     uint32_t o_lora_rank;  /* output low rank R (per group) (deepseek4.attention.output_lora_rank) */
-    int32_t compress_ratio[DSV4_MAX_LAYERS];  /* per-layer KV compression ratio: 0 (window only), 4 (CSA), 128 (HCA) (deepseek4.attention.compress_ratios) */
+    int32_t compress_ratios[DSV4_MAX_LAYERS];  /* per-layer KV compression ratio: 0 (window only), 4 (CSA), 128 (HCA) (deepseek4.attention.compress_ratios) */
     float compress_rope_freq_base;  /* rope base of compressed layers (with YaRN) (deepseek4.attention.compress_rope_freq_base) */
     uint32_t indexer_n_head;  /* lightning indexer heads (deepseek4.attention.indexer.head_count) */
     uint32_t indexer_head_dim;  /* lightning indexer head dim (deepseek4.attention.indexer.key_length) */
@@ -83,7 +83,7 @@ typedef struct dsv4_hparams {
     uint32_t n_expert;  /* routed experts E (deepseek4.expert_count) */
     uint32_t n_expert_used;  /* active experts K (deepseek4.expert_used_count) */
     uint32_t n_expert_shared;  /* shared experts (deepseek4.expert_shared_count) */
-    uint32_t n_ff_exp[DSV4_MAX_LAYERS];  /* expert FFN width (one value, or one per block) (deepseek4.expert_feed_forward_length) */
+    uint32_t expert_ff[DSV4_MAX_LAYERS];  /* expert FFN width (one value, or one per block) (deepseek4.expert_feed_forward_length) */
     float expert_weights_scale;  /* routed scaling factor (deepseek4.expert_weights_scale) */
     bool expert_weights_norm;  /* renormalise the selected experts' weights (deepseek4.expert_weights_norm) */
     uint32_t expert_gating_func;  /* router score function: 4 = sqrt(softplus) (deepseek4.expert_gating_func) */
@@ -126,6 +126,15 @@ typedef struct dsv4_session_params {
     int32_t n_threads;         /* CPU threads; <= 0: the model's setting */
 } dsv4_session_params;
 
+typedef struct dsv4_session_stats {
+    int64_t n_past;            /* tokens in the sequence */
+    int64_t n_ubatches;        /* micro-batches computed since the session was created */
+    int64_t n_graph_builds;    /* graphs built; the other micro-batches reused the previous graph */
+    int64_t n_graph_nodes;     /* nodes of the current graph */
+    uint64_t state_bytes;      /* persistent state: windows, compressor rings, compressed caches */
+    uint64_t compute_bytes;    /* the backend's compute buffer */
+} dsv4_session_stats;
+
 DSV4_API const char * dsv4_version(void);
 DSV4_API const char * dsv4_last_error(void);
 DSV4_API const char * dsv4_status_name(dsv4_status status);
@@ -140,6 +149,16 @@ DSV4_API dsv4_status dsv4_model_get_hparams(const dsv4_model * model, dsv4_hpara
 DSV4_API dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out);
 DSV4_API dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out);
 
+/* The tokenizer data of the file: token id -> text (UTF-8 of the GGUF string, byte-level BPE
+ * alphabet) and llama.cpp token type; merge i -> "a b"; a string metadata value by key.
+ * Returned pointers stay valid while the model is open. */
+DSV4_API dsv4_status dsv4_model_token(const dsv4_model * model, int32_t id, const char ** text, size_t * len,
+                                      int32_t * type);
+DSV4_API dsv4_status dsv4_model_merge(const dsv4_model * model, int32_t index, const char ** text, size_t * len);
+/* *text = NULL when the key is absent; DSV4_ERR_BAD_KEY when it is not a string. */
+DSV4_API dsv4_status dsv4_model_meta_string(const dsv4_model * model, const char * key, const char ** text,
+                                            size_t * len);
+
 DSV4_API dsv4_session_params dsv4_session_default_params(void);
 /* A session holds one sequence's state; several sessions may share a model (one thread each). */
 DSV4_API dsv4_status dsv4_session_create(dsv4_model * model, const dsv4_session_params * params,
@@ -153,8 +172,7 @@ DSV4_API dsv4_status dsv4_session_eval(dsv4_session * session, const int32_t * t
                                        float * logits, int64_t out_rows);
 DSV4_API dsv4_status dsv4_session_reset(dsv4_session * session);
 DSV4_API dsv4_status dsv4_session_n_past(const dsv4_session * session, int64_t * out);
-/* Bytes of the session's persistent state (windows, compressor states, compressed caches). */
-DSV4_API dsv4_status dsv4_session_state_bytes(const dsv4_session * session, uint64_t * out);
+DSV4_API dsv4_status dsv4_session_get_stats(const dsv4_session * session, dsv4_session_stats * out);
 
 /* cffi-end */
 

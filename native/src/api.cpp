@@ -5,6 +5,7 @@
 #include "model.h"
 #include "session.h"
 
+#include <cstring>
 #include <new>
 
 #ifndef DSV4_VERSION
@@ -136,6 +137,61 @@ dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4
     });
 }
 
+dsv4_status dsv4_model_token(const dsv4_model * model, int32_t id, const char ** text, size_t * len, int32_t * type) {
+    return guarded([&] {
+        require(model, "model");
+        require(text, "text");
+        require(len, "len");
+        const dsv4::GgufValue * tokens = model->file->find("tokenizer.ggml.tokens");
+        if (id < 0 || uint32_t(id) >= model->hp.n_vocab) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "token id %d is outside the vocabulary [0, %u)", int(id),
+                       unsigned(model->hp.n_vocab));
+        }
+        *text = tokens->strs[size_t(id)].data();
+        *len = tokens->strs[size_t(id)].size();
+        if (type != nullptr) {
+            *type = 1;  // normal, when the file has no token types
+            const dsv4::GgufValue * types = model->file->find("tokenizer.ggml.token_type");
+            if (types != nullptr && types->type == dsv4::GgufType::ARRAY && types->elem_type == dsv4::GgufType::I32 &&
+                types->n == tokens->strs.size()) {
+                std::memcpy(type, types->data + size_t(id) * 4, 4);
+            }
+        }
+    });
+}
+
+dsv4_status dsv4_model_merge(const dsv4_model * model, int32_t index, const char ** text, size_t * len) {
+    return guarded([&] {
+        require(model, "model");
+        require(text, "text");
+        require(len, "len");
+        const dsv4::GgufValue * merges = model->file->find("tokenizer.ggml.merges");
+        if (index < 0 || uint32_t(index) >= model->hp.n_merges) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "merge %d is outside [0, %u)", int(index), unsigned(model->hp.n_merges));
+        }
+        *text = merges->strs[size_t(index)].data();
+        *len = merges->strs[size_t(index)].size();
+    });
+}
+
+dsv4_status dsv4_model_meta_string(const dsv4_model * model, const char * key, const char ** text, size_t * len) {
+    return guarded([&] {
+        require(model, "model");
+        require(key, "key");
+        require(text, "text");
+        require(len, "len");
+        *text = nullptr;
+        *len = 0;
+        if (const dsv4::GgufValue * v = model->file->find(key)) {
+            if (v->type != dsv4::GgufType::STRING) {
+                dsv4::fail(DSV4_ERR_BAD_KEY, "metadata key '%s' is not a string", key);
+            }
+            *text = v->str.data();
+            *len = v->str.size();
+        }
+    });
+}
+
 dsv4_session_params dsv4_session_default_params(void) {
     dsv4_session_params p{};
     p.n_ctx = 4096;
@@ -185,11 +241,11 @@ dsv4_status dsv4_session_n_past(const dsv4_session * session, int64_t * out) {
     });
 }
 
-dsv4_status dsv4_session_state_bytes(const dsv4_session * session, uint64_t * out) {
+dsv4_status dsv4_session_get_stats(const dsv4_session * session, dsv4_session_stats * out) {
     return guarded([&] {
         require(session, "session");
         require(out, "out");
-        *out = ggml_backend_buffer_get_size(session->buf_state);
+        *out = dsv4::session_stats(*session);
     });
 }
 

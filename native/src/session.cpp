@@ -118,6 +118,7 @@ void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out
         fail(DSV4_ERR_BACKEND, "the backend failed to compute the graph");
     }
     s.n_past += T;
+    s.n_ubatches += 1;
     if (out != OutMode::NONE) {
         ggml_backend_tensor_get(s.logits, logits, 0, ggml_nbytes(s.logits));
     }
@@ -152,8 +153,8 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
 
     // state tensors, sized from n_ctx and the compress ratios (§4.1)
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        s->has4 = s->has4 || hp.compress_ratio[il] == 4;
-        s->has128 = s->has128 || hp.compress_ratio[il] == 128;
+        s->has4 = s->has4 || hp.compress_ratios[il] == 4;
+        s->has128 = s->has128 || hp.compress_ratios[il] == 128;
     }
     s->n_rows4 = params.n_ctx / 4 + 1;
     s->n_rows128 = params.n_ctx / 128 + 1;
@@ -162,7 +163,7 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     s->layers.resize(hp.n_layer);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         LayerState & L = s->layers[il];
-        const int ratio = hp.compress_ratio[il];
+        const int ratio = hp.compress_ratios[il];
         L.window = new_state(s->ctx_state, hp.head_dim, hp.n_swa, "window", il);
         if (ratio != 0) {
             const int64_t c = ratio == 4 ? 2 : 1;
@@ -226,6 +227,17 @@ void session_eval(dsv4_session & s, const int32_t * tokens, int64_t n, float * l
 
 void session_reset(dsv4_session & s) {
     clear_state(s);
+}
+
+dsv4_session_stats session_stats(const dsv4_session & s) {
+    dsv4_session_stats st{};
+    st.n_past = s.n_past;
+    st.n_ubatches = s.n_ubatches;
+    st.n_graph_builds = s.n_graph_builds;
+    st.n_graph_nodes = s.graph != nullptr ? ggml_graph_n_nodes(s.graph) : 0;
+    st.state_bytes = ggml_backend_buffer_get_size(s.buf_state);
+    st.compute_bytes = ggml_backend_sched_get_buffer_size(s.sched, s.backend);
+    return st;
 }
 
 }  // namespace dsv4

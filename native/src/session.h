@@ -42,6 +42,7 @@ struct dsv4_session {
     dsv4::OutMode out = dsv4::OutMode::ALL;
     bool graph_ready = false;
     int64_t n_graph_builds = 0;
+    int64_t n_ubatches = 0;
 
     ~dsv4_session();
 };
@@ -55,5 +56,7 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
 void session_eval(dsv4_session & s, const int32_t * tokens, int64_t n, float * logits, int64_t out_rows);
 
 void session_reset(dsv4_session & s);
+
+dsv4_session_stats session_stats(const dsv4_session & s);
 
 }  // namespace dsv4

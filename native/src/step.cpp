@@ -15,7 +15,7 @@ RopeParams layer_rope(const dsv4_hparams & hp, uint32_t il) {
     rp.n_dims = int(hp.n_rot);
     rp.beta_fast = 32.0f;  // llama.cpp's constants: it never reads the yarn_beta_* keys (§1.3, §1.5)
     rp.beta_slow = 1.0f;
-    if (hp.compress_ratio[il] == 0) {
+    if (hp.compress_ratios[il] == 0) {
         rp.n_ctx_orig = int(hp.rope_orig_ctx);
         rp.freq_base = hp.rope_freq_base;
         rp.freq_scale = 1.0f;
