@@ -9,8 +9,19 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
+from .sampling import SamplingParams
 
 BACKENDS = {"cpu": 0, "cuda": 1}
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise InvalidArgumentError("stop must be a string or a list of strings")
+    return list(stop)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,11 @@ class Model:
         self._session = ffi.gc(sess[0], lib.dsv4_session_free)
         self.n_ctx = n_ctx
         self.n_ubatch = n_ubatch
+        self.name = os.path.splitext(os.path.basename(self.path))[0]
+        self._tokens: list[int] = []          # the sequence the session holds
+        self._last_logits: np.ndarray | None = None
+        self._tokenizer = None
+        self._chat_template = None
 
     # --- inference ------------------------------------------------------------------------------
     def eval(self, tokens, logits: str = "all") -> np.ndarray:
@@ -115,12 +131,103 @@ class Model:
         _native.check(lib.dsv4_session_eval(
             self._session, ffi.cast("const int32_t *", toks.ctypes.data), len(toks),
             ffi.cast("float *", out.ctypes.data), rows))
+        self._tokens.extend(int(t) for t in toks)
+        self._last_logits = out[-1]
         return out
 
     def reset(self) -> None:
         """Forgets every token (empty windows and caches)."""
         self._require_open()
         _native.check(self._lib.dsv4_session_reset(self._session))
+        self._tokens = []
+        self._last_logits = None
+
+    # --- text ------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (`dsv4_ggml.tokenizer.Dsv4Tokenizer`), built from the GGUF."""
+        if self._tokenizer is None:
+            from .tokenizer import Dsv4Tokenizer
+            self._require_open()
+            self._tokenizer = Dsv4Tokenizer.from_model(self)
+        return self._tokenizer
+
+    @property
+    def chat_template(self):
+        """The GGUF's `tokenizer.chat_template`, else the built-in DeepSeek-V4 template."""
+        if self._chat_template is None:
+            from .chat import ChatTemplate
+            self._chat_template = ChatTemplate(self.metadata_string("tokenizer.chat_template"))
+        return self._chat_template
+
+    def metadata_string(self, key: str) -> str | None:
+        """A string metadata value of the GGUF, or None when absent."""
+        self._require_open()
+        ffi = self._ffi
+        text, n = ffi.new("const char **"), ffi.new("size_t *")
+        _native.check(self._lib.dsv4_model_meta_string(self._model, key.encode(), text, n))
+        return None if text[0] == ffi.NULL else ffi.unpack(text[0], n[0]).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS first when add_bos (default: the GGUF's add_bos_token).
+        Special tokens written in the text (`<｜User｜>`, ...) become their ids."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_bos)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    # --- generation -------------------------------------------------------------------------------
+    def _feed(self, tokens: list[int]) -> np.ndarray:
+        """Makes the session hold `tokens`, evaluating only what follows the longest reusable
+        prefix (the whole current sequence, when it is a prefix), and returns the last logits."""
+        n = len(self._tokens)
+        if n and len(tokens) > n and tokens[:n] == self._tokens:
+            return self.eval(tokens[n:], logits="last")[0]
+        if tokens == self._tokens and self._last_logits is not None:
+            return self._last_logits
+        self.reset()
+        return self.eval(tokens, logits="last")[0]
+
+    def _tokens_for_text(self, text: str) -> list[int]:
+        """Tokens of a rendered prompt that extends the current sequence's text: the sequence's
+        own tokens, then the new text's (so a chat's next turn evaluates only the new turn)."""
+        if self._tokens:
+            held = self.tokenizer.decode(self._tokens)
+            if len(text) > len(held) and text.startswith(held):
+                return self._tokens + self.tokenize(text[len(held):], add_bos=False)
+        return self.tokenize(text, add_bos=False)
+
+    def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 repeat_last_n: int = 64, seed: int | None = None, stop=None):
+        """Streams `GenerationChunk(token, text, finish_reason)` for a prompt (text or token
+        ids). Stops at EOS, a stop string (not included in the text), max_tokens or n_ctx."""
+        from .generation import stream_tokens
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        return stream_tokens(self, tokens, max_tokens, params, _stops(stop))
+
+    def create_completion(self, prompt, max_tokens: int = 16, temperature: float = 0.8, top_k: int = 40,
+                          top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                          seed: int | None = None, stop=None, stream: bool = False, echo: bool = False):
+        """OpenAI-style text completion (a dict, or an iterator of chunks when stream=True)."""
+        from .generation import completion
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
+        return completion(self, prompt, stream, max_tokens, params, _stops(stop), echo)
+
+    def create_chat_completion(self, messages, max_tokens: int = 256, temperature: float = 0.8,
+                               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                               repeat_penalty: float = 1.0, seed: int | None = None, stop=None,
+                               stream: bool = False, thinking: bool = False, tools=None,
+                               reasoning_effort: str | None = None):
+        """OpenAI-style chat completion over the chat template. The session keeps the
+        conversation: a follow-up turn evaluates only the tokens after what it already holds."""
+        from .generation import chat_completion
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
+        extra = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
+        return chat_completion(self, messages, stream, max_tokens, params, _stops(stop), thinking, tools, extra)
 
     @property
     def n_past(self) -> int:
