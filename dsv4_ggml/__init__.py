@@ -9,7 +9,7 @@ the tiny-model writer, the code generator) work without it.
 from __future__ import annotations
 
 from .errors import (
-    BackendError, BadKeyError, ContextOverflowError, CorruptFileError, Dsv4Error, FileError,
+    BackendError, BadKeyError, CancelledError, ContextOverflowError, CorruptFileError, Dsv4Error, FileError,
     GGUFError, InternalError, InvalidArgumentError, MissingKeyError, MissingTensorError,
     ModelFormatError, NotGGUFError, NumericsError, OutOfMemoryError, TensorShapeError,
     TensorTypeError, TruncatedFileError, UnexpectedTensorError, WrongArchitectureError,
@@ -33,5 +33,5 @@ __all__ = [
     "GGUFError", "NotGGUFError", "TruncatedFileError", "CorruptFileError", "ModelFormatError",
     "WrongArchitectureError", "MissingKeyError", "BadKeyError", "MissingTensorError",
     "TensorShapeError", "TensorTypeError", "UnexpectedTensorError", "ContextOverflowError",
-    "BackendError", "OutOfMemoryError", "NumericsError", "InternalError",
+    "BackendError", "OutOfMemoryError", "NumericsError", "InternalError", "CancelledError",
 ]

@@ -15,6 +15,52 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
+class _ProgressBar:
+    """A load progress bar on stderr (redrawn in place on a terminal, one final line otherwise)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+
+    def __call__(self, fraction: float) -> bool:
+        pct = int(fraction * 100)
+        if self.tty and pct != self.last:
+            bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+            sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}%")
+            if pct == 100:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        self.last = pct
+        return True
+
+
+def _open_model(path: str, ctx: int, threads: int | None, prefetch: bool = True):
+    from .model import Model
+
+    bar = _ProgressBar(f"loading {os.path.basename(path)}")
+    m = Model(path, n_ctx=ctx, n_threads=threads, prefetch=prefetch, progress=bar)
+    if not bar.tty:
+        print(f"loaded {os.path.basename(path)}", file=sys.stderr)
+    return m
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy; default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k (0: off; default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p (1: off; default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p (0: off; default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default 1: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("-c", "--ctx", type=int, default=4096, help="context length (default 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
 def _find_source_root(start: Path) -> Path | None:
     """The source checkout holding codegen/ and native/ (for `generate`)."""
     for d in (start, *start.parents):
@@ -54,7 +100,7 @@ def cmd_tiny(args) -> int:
 def cmd_inspect(args) -> int:
     from .model import Model
 
-    m = Model(args.model, n_ctx=args.ctx) if args.ctx else Model(args.model, n_ctx=1)
+    m = Model(args.model, n_ctx=1)
     hp = m.hparams
     print(f"{args.model}: DeepSeek-V4 (deepseek4), {hp['n_layer']} layers"
           f"{' + MTP' if hp['n_nextn'] else ''}, vocab {m.n_vocab}")
@@ -68,6 +114,13 @@ def cmd_inspect(args) -> int:
         by_type[t.type] = by_type.get(t.type, 0) + t.nbytes
     print(f"tensors: {len(tensors)}, {_human(total)} "
           + "(" + ", ".join(f"{k} {_human(v)}" for k, v in sorted(by_type.items())) + ")")
+    for n_ctx in args.ctx:
+        if n_ctx > hp["n_ctx_train"]:
+            print(f"n_ctx {n_ctx}: exceeds the model's context length {hp['n_ctx_train']}")
+            continue
+        state = m.estimate_state_bytes(n_ctx)
+        print(f"memory at n_ctx {n_ctx}: weights {_human(total)} (mapped from the file) + session state "
+              f"{_human(state)} ({state / n_ctx:.0f} bytes/token incl. fixed windows) + compute buffer")
     if args.tensors:
         nw = max(len(t.name) for t in tensors)
         for t in tensors:
@@ -95,49 +148,76 @@ def _default_model() -> str:
 def cmd_run(args) -> int:
     import time
 
-    import numpy as np
-
-    from .model import Model
-    from .tokenizer import Dsv4Tokenizer, StreamDecoder
-
     path = args.model or _default_model()
     if not args.model:
         print(f"(no -m given: using the embedded tiny DeepSeek-V4 model, random weights: {path})",
               file=sys.stderr)
     t0 = time.perf_counter()
-    m = Model(path, n_ctx=args.ctx, n_threads=args.threads)
-    tok = Dsv4Tokenizer.from_model(m)
-    ids = tok.encode(args.prompt)
-    if len(ids) + args.n_predict > m.n_ctx:
-        print(f"dsv4-ggml run: prompt ({len(ids)} tokens) + {args.n_predict} exceed --ctx {m.n_ctx}",
-              file=sys.stderr)
-        return 2
+    m = _open_model(path, args.ctx, args.threads)
+    ids = m.tokenize(args.prompt)
     t_load = time.perf_counter() - t0
-    rng = np.random.default_rng(args.seed)
-    out = StreamDecoder(tok)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     t1 = time.perf_counter()
-    logits = m.eval(ids, logits="last")[0]
-    t_prompt = time.perf_counter() - t1
+    t_first = None
     n_gen = 0
-    t2 = time.perf_counter()
-    for _ in range(args.n_predict):
-        if args.temp <= 0:
-            nxt = int(logits.argmax())
-        else:
-            p = np.exp((logits - logits.max()) / args.temp)
-            nxt = int(rng.choice(len(p), p=p / p.sum()))
-        if nxt == tok.eos_id:
-            break
-        sys.stdout.write(out.push(nxt))
+    for chunk in m.generate(ids, max_tokens=args.n_predict, stop=args.stop, **_sampling_kwargs(args)):
+        if t_first is None:
+            t_first = time.perf_counter()
+        sys.stdout.write(chunk.text)
         sys.stdout.flush()
         n_gen += 1
-        logits = m.eval([nxt], logits="last")[0]
-    sys.stdout.write(out.flush() + "\n")
-    t_gen = time.perf_counter() - t2
-    print(f"load {t_load:.2f} s | prompt {len(ids)} tokens, {len(ids) / t_prompt:.1f} tokens/s | "
-          f"generated {n_gen} tokens, {n_gen / max(t_gen, 1e-9):.1f} tokens/s", file=sys.stderr)
+    t_end = time.perf_counter()
+    sys.stdout.write("\n")
+    t_prompt = (t_first or t_end) - t1
+    rate = (n_gen - 1) / (t_end - t_first) if n_gen > 1 and t_first else 0.0
+    print(f"load {t_load:.2f} s | prompt {len(ids)} tokens in {t_prompt:.3f} s "
+          f"({len(ids) / max(t_prompt, 1e-9):.1f} tokens/s) | generated {n_gen} tokens, {rate:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    path = args.model or _default_model()
+    m = _open_model(path, args.ctx, args.threads)
+    interactive = sys.stdin.isatty()
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    if interactive:
+        print("chat with the model; /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        reply, reasoning = [], []
+        for chunk in m.create_chat_completion(messages, max_tokens=args.n_predict, stream=True,
+                                              thinking=args.thinking, **_sampling_kwargs(args)):
+            delta = chunk["choices"][0]["delta"]
+            if delta.get("reasoning_content"):
+                reasoning.append(delta["reasoning_content"])
+                sys.stderr.write(delta["reasoning_content"])
+                sys.stderr.flush()
+            if delta.get("content"):
+                reply.append(delta["content"])
+                sys.stdout.write(delta["content"])
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply),
+                         **({"reasoning_content": "".join(reasoning)} if reasoning else {})})
     return 0
 
 
@@ -172,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a model file and print what it holds.")
     i.add_argument("model", help="a DeepSeek-V4 .gguf file")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
-    i.add_argument("--ctx", type=int, default=0, help="context length to validate against")
+    i.add_argument("--ctx", type=int, nargs="*", default=[4096, 32768],
+                   help="context lengths to estimate memory for (default 4096 32768)")
     i.set_defaults(fn=cmd_inspect)
 
     r = sub.add_parser("run", help="generate text from a prompt (streams tokens)",
@@ -180,11 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-m", "--model", help="a DeepSeek-V4 .gguf file (default: the embedded tiny model)")
     r.add_argument("-p", "--prompt", default="The quick brown fox", help="prompt text")
     r.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
-    r.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, the default)")
-    r.add_argument("--seed", type=int, default=0, help="sampling seed")
-    r.add_argument("-c", "--ctx", type=int, default=4096, help="context length (default 4096)")
-    r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    r.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _sampling_args(r)
     r.set_defaults(fn=cmd_run)
+
+    ch = sub.add_parser("chat", help="interactive chat (reads stdin; works when piped)",
+                        description="Chat with the model through its chat template. Each stdin line "
+                                    "is a user turn; the reply streams to stdout.")
+    ch.add_argument("-m", "--model", help="a DeepSeek-V4 .gguf file (default: the embedded tiny model)")
+    ch.add_argument("-s", "--system", default=None, help="system prompt")
+    ch.add_argument("--thinking", action="store_true", help="thinking mode (reasoning goes to stderr)")
+    ch.add_argument("-n", "--n-predict", type=int, default=256, help="max tokens per reply (default 256)")
+    _sampling_args(ch)
+    ch.set_defaults(fn=cmd_chat)
 
     v = sub.add_parser("version", help="print versions", description="Print versions.")
     v.set_defaults(fn=cmd_version)

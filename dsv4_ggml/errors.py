@@ -87,6 +87,10 @@ class InternalError(Dsv4Error):
     """A bug in dsv4-ggml."""
 
 
+class CancelledError(Dsv4Error):
+    """A progress callback asked to stop loading."""
+
+
 # dsv4_status code -> exception class (codes from native/include/dsv4.h)
 BY_STATUS = {
     1: InvalidArgumentError,
@@ -106,6 +110,7 @@ BY_STATUS = {
     15: OutOfMemoryError,
     16: NumericsError,
     17: InternalError,
+    18: CancelledError,
 }
 
 

@@ -58,7 +58,8 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 backend: str = "cpu", n_ubatch: int = 512):
+                 backend: str = "cpu", n_ubatch: int = 512, prefetch: bool = False,
+                 progress=None):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
@@ -78,6 +79,19 @@ class Model:
         params = ffi.new("dsv4_model_params *", lib.dsv4_model_default_params())
         params.backend = BACKENDS[backend]
         params.n_threads = self.n_threads
+        params.prefetch = bool(prefetch)
+        callback = None
+        if progress is not None:
+            if not callable(progress):
+                raise InvalidArgumentError("progress must be a callable taking the fraction loaded")
+
+            @ffi.callback("bool(float, void *)")
+            def callback(fraction, _):
+                try:
+                    return progress(float(fraction)) is not False
+                except Exception:   # an error in the callback cancels the load
+                    return False
+            params.progress = callback
         out = ffi.new("dsv4_model **")
         _native.check(lib.dsv4_model_open(os.fsencode(self.path), params, out))
         self._model = ffi.gc(out[0], lib.dsv4_model_free)
@@ -254,6 +268,13 @@ class Model:
     @property
     def n_vocab(self) -> int:
         return int(self.hparams["n_vocab"])
+
+    def estimate_state_bytes(self, n_ctx: int) -> int:
+        """Persistent state a session of n_ctx tokens needs (nothing is allocated)."""
+        self._require_open()
+        out = self._ffi.new("uint64_t *")
+        _native.check(self._lib.dsv4_model_state_bytes(self._model, int(n_ctx), out))
+        return int(out[0])
 
     @property
     def tensors(self) -> list[TensorInfo]:

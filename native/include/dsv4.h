@@ -45,7 +45,8 @@ typedef enum dsv4_status {
     DSV4_ERR_BACKEND = 14,          /* the backend is unavailable or failed */
     DSV4_ERR_OUT_OF_MEMORY = 15,    /* an allocation failed */
     DSV4_ERR_NUMERICS = 16,         /* a NaN or Inf appeared in the computation */
-    DSV4_ERR_INTERNAL = 17          /* a bug: please report it */
+    DSV4_ERR_INTERNAL = 17,         /* a bug: please report it */
+    DSV4_ERR_CANCELLED = 18         /* a progress callback asked to stop */
 } dsv4_status;
 
 typedef enum dsv4_backend {
@@ -115,9 +116,15 @@ typedef struct dsv4_tensor_info {
     uint64_t nbytes;
 } dsv4_tensor_info;
 
+/* Called while a model loads with the fraction done (0..1); return false to cancel the load. */
+typedef bool (*dsv4_progress_fn)(float progress, void * user_data);
+
 typedef struct dsv4_model_params {
     int32_t backend;           /* dsv4_backend */
     int32_t n_threads;         /* CPU threads for compute; <= 0: all cores */
+    bool prefetch;             /* read every weight page now, so the first tokens do not stall */
+    dsv4_progress_fn progress; /* optional */
+    void * progress_data;
 } dsv4_model_params;
 
 typedef struct dsv4_session_params {
@@ -148,6 +155,8 @@ DSV4_API void dsv4_model_free(dsv4_model * model);
 DSV4_API dsv4_status dsv4_model_get_hparams(const dsv4_model * model, dsv4_hparams * out);
 DSV4_API dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out);
 DSV4_API dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out);
+/* Bytes a session of n_ctx tokens would hold as persistent state, without allocating it. */
+DSV4_API dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, uint64_t * out);
 
 /* The tokenizer data of the file: token id -> text (UTF-8 of the GGUF string, byte-level BPE
  * alphabet) and llama.cpp token type; merge i -> "a b"; a string metadata value by key.

@@ -72,6 +72,7 @@ const char * dsv4_status_name(dsv4_status status) {
         case DSV4_ERR_OUT_OF_MEMORY: return "out of memory";
         case DSV4_ERR_NUMERICS: return "non-finite values";
         case DSV4_ERR_INTERNAL: return "internal error";
+        case DSV4_ERR_CANCELLED: return "cancelled";
     }
     return "unknown status";
 }
@@ -92,6 +93,9 @@ dsv4_model_params dsv4_model_default_params(void) {
     dsv4_model_params p{};
     p.backend = DSV4_BACKEND_CPU;
     p.n_threads = 0;
+    p.prefetch = false;
+    p.progress = nullptr;
+    p.progress_data = nullptr;
     return p;
 }
 
@@ -134,6 +138,17 @@ dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4
                        model->table.size());
         }
         *out = model->table[size_t(index)];
+    });
+}
+
+dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, uint64_t * out) {
+    return guarded([&] {
+        require(model, "model");
+        require(out, "out");
+        if (n_ctx < 1) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "n_ctx must be at least 1, got %d", int(n_ctx));
+        }
+        *out = dsv4::state_bytes(model->hp, n_ctx);
     });
 }
 

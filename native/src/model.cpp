@@ -4,6 +4,9 @@
 #include "error.h"
 #include "hparams.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 namespace dsv4 {
 
 namespace {
@@ -56,6 +59,33 @@ void check_tid2eid(const dsv4_hparams & hp, const Weights & w, const GgufFile & 
     }
 }
 
+// Reads every weight page (so the first tokens do not stall on page faults) and reports
+// progress by bytes; without `prefetch`, only reports progress.
+void prefetch_weights(const GgufFile & f, const std::vector<WeightBinder::Bound> & bound, const dsv4_model_params & p) {
+    uint64_t total = 0, done = 0;
+    for (const WeightBinder::Bound & b : bound) {
+        total += b.info->nbytes;
+    }
+    if (p.prefetch) {
+        madvise(const_cast<uint8_t *>(f.map()), size_t(f.file_size()), MADV_WILLNEED);
+    }
+    const long page = sysconf(_SC_PAGESIZE);
+    volatile uint8_t sink = 0;
+    for (const WeightBinder::Bound & b : bound) {
+        if (p.prefetch) {
+            const uint8_t * data = f.map() + b.info->offset;
+            for (uint64_t o = 0; o < b.info->nbytes; o += uint64_t(page)) {
+                sink = sink + data[o];
+            }
+        }
+        done += b.info->nbytes;
+        if (p.progress != nullptr && !p.progress(total ? float(double(done) / double(total)) : 1.0f, p.progress_data)) {
+            fail(DSV4_ERR_CANCELLED, "loading '%s' was cancelled", f.path().c_str());
+        }
+    }
+    (void) sink;
+}
+
 }  // namespace
 
 std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_model_params & params) {
@@ -83,6 +113,10 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
     bind_weights(m->hp, binder, m->weights);
     binder.check_all_used();
     check_tid2eid(m->hp, m->weights, f, binder.bound());
+
+    if (params.prefetch || params.progress != nullptr) {
+        prefetch_weights(f, binder.bound(), params);
+    }
 
     // CPU: the weights are the mapped file itself, read in place
     m->weights_buf = ggml_backend_cpu_buffer_from_ptr(const_cast<uint8_t *>(f.map()), size_t(f.file_size()));

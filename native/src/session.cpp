@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <string>
 #include <thread>
 
 namespace dsv4 {
@@ -126,6 +128,38 @@ void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out
 
 }  // namespace
 
+// The persistent state of a session (§4.1), sized from n_ctx and the compress ratios: per
+// layer a window ring; ratio 4: compressor rings of 8 rows (values and logits, 2·Dh wide) and
+// n_ctx/4 + 1 cache rows, plus the same for the indexer (Di wide); ratio 128: rings of 128 rows
+// and n_ctx/128 + 1 cache rows. The extra cache row takes the writes of dummy blocks.
+void for_each_state_tensor(const dsv4_hparams & hp, int64_t n_ctx,
+                           const std::function<void(uint32_t il, const char * name, int64_t ne0, int64_t ne1)> & fn) {
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const int ratio = hp.compress_ratios[il];
+        fn(il, "window", hp.head_dim, hp.n_swa);
+        if (ratio != 0) {
+            const int64_t c = ratio == 4 ? 2 : 1;
+            const int64_t rows = ratio == 4 ? 8 : 128;
+            fn(il, "comp_kv", c * hp.head_dim, rows);
+            fn(il, "comp_score", c * hp.head_dim, rows);
+            fn(il, "comp_cache", hp.head_dim, n_ctx / ratio + 1);
+        }
+        if (ratio == 4) {
+            fn(il, "index_kv", 2 * int64_t(hp.indexer_head_dim), 8);
+            fn(il, "index_score", 2 * int64_t(hp.indexer_head_dim), 8);
+            fn(il, "index_cache", hp.indexer_head_dim, n_ctx / 4 + 1);
+        }
+    }
+}
+
+uint64_t state_bytes(const dsv4_hparams & hp, int64_t n_ctx) {
+    uint64_t total = 0;
+    for_each_state_tensor(hp, n_ctx, [&](uint32_t, const char *, int64_t ne0, int64_t ne1) {
+        total += GGML_PAD(uint64_t(ne0) * uint64_t(ne1) * sizeof(float), 32);
+    });
+    return total;
+}
+
 std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_session_params & params) {
     const dsv4_hparams & hp = model->hp;
     if (params.n_ctx < 1) {
@@ -161,23 +195,19 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     const size_t n_tensors = size_t(hp.n_layer) * 7 + 1;
     s->ctx_state = ggml_init({ggml_tensor_overhead() * n_tensors, nullptr, true});
     s->layers.resize(hp.n_layer);
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+    for_each_state_tensor(hp, params.n_ctx, [&](uint32_t il, const char * name, int64_t ne0, int64_t ne1) {
         LayerState & L = s->layers[il];
-        const int ratio = hp.compress_ratios[il];
-        L.window = new_state(s->ctx_state, hp.head_dim, hp.n_swa, "window", il);
-        if (ratio != 0) {
-            const int64_t c = ratio == 4 ? 2 : 1;
-            const int64_t rows = ratio == 4 ? 8 : 128;
-            L.main.kv = new_state(s->ctx_state, c * hp.head_dim, rows, "comp_kv", il);
-            L.main.score = new_state(s->ctx_state, c * hp.head_dim, rows, "comp_score", il);
-            L.main.cache = new_state(s->ctx_state, hp.head_dim, ratio == 4 ? s->n_rows4 : s->n_rows128, "comp_cache", il);
-        }
-        if (ratio == 4) {
-            L.index.kv = new_state(s->ctx_state, 2 * hp.indexer_head_dim, 8, "index_kv", il);
-            L.index.score = new_state(s->ctx_state, 2 * hp.indexer_head_dim, 8, "index_score", il);
-            L.index.cache = new_state(s->ctx_state, hp.indexer_head_dim, s->n_rows4, "index_cache", il);
-        }
-    }
+        ggml_tensor * t = new_state(s->ctx_state, ne0, ne1, name, il);
+        const std::string n = name;
+        ggml_tensor ** slot = n == "window" ? &L.window
+                            : n == "comp_kv" ? &L.main.kv
+                            : n == "comp_score" ? &L.main.score
+                            : n == "comp_cache" ? &L.main.cache
+                            : n == "index_kv" ? &L.index.kv
+                            : n == "index_score" ? &L.index.score
+                                                 : &L.index.cache;
+        *slot = t;
+    });
     s->buf_state = ggml_backend_alloc_ctx_tensors(s->ctx_state, s->backend);
     if (s->buf_state == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the session state for n_ctx %d", int(params.n_ctx));
