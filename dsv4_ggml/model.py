@@ -12,6 +12,7 @@ from .errors import InvalidArgumentError
 from .sampling import SamplingParams
 
 BACKENDS = {"cpu": 0, "cuda": 1}
+CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}   # ggml type ids
 
 
 def _stops(stop) -> list[str]:
@@ -58,8 +59,8 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 backend: str = "cpu", n_ubatch: int = 512, prefetch: bool = False,
-                 progress=None):
+                 backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
+                 prefetch: bool = False, progress=None):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
@@ -67,6 +68,9 @@ class Model:
             raise InvalidArgumentError(f"n_threads must be a positive integer or None, got {n_threads!r}")
         if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or n_ubatch < 1:
             raise InvalidArgumentError(f"n_ubatch must be a positive integer, got {n_ubatch!r}")
+        if cache_type not in CACHE_TYPES:
+            raise InvalidArgumentError(f"cache_type must be one of {sorted(CACHE_TYPES)}, got {cache_type!r}")
+        self.cache_type = cache_type
         if backend not in BACKENDS:
             raise InvalidArgumentError(
                 f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -104,6 +108,7 @@ class Model:
         sp.n_ctx = n_ctx
         sp.n_ubatch = n_ubatch
         sp.n_threads = self.n_threads
+        sp.cache_type = CACHE_TYPES[cache_type]
         sess = ffi.new("dsv4_session **")
         try:
             _native.check(lib.dsv4_session_create(self._model, sp, sess))
@@ -269,11 +274,14 @@ class Model:
     def n_vocab(self) -> int:
         return int(self.hparams["n_vocab"])
 
-    def estimate_state_bytes(self, n_ctx: int) -> int:
+    def estimate_state_bytes(self, n_ctx: int, cache_type: str | None = None) -> int:
         """Persistent state a session of n_ctx tokens needs (nothing is allocated)."""
         self._require_open()
+        ct = CACHE_TYPES.get(cache_type or self.cache_type)
+        if ct is None:
+            raise InvalidArgumentError(f"cache_type must be one of {sorted(CACHE_TYPES)}")
         out = self._ffi.new("uint64_t *")
-        _native.check(self._lib.dsv4_model_state_bytes(self._model, int(n_ctx), out))
+        _native.check(self._lib.dsv4_model_state_bytes(self._model, int(n_ctx), ct, out))
         return int(out[0])
 
     @property

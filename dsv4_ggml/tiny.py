@@ -20,6 +20,16 @@ from .tiny_vocab import build_vocab
 
 ARCH = "deepseek4"
 
+# the ggml types a tiny model's matrices may have (the quantizable set of a llama.cpp conversion:
+# token_embd, output, attention projections, indexer q, routed and shared experts; HC, norms,
+# router, compressors and indexer.proj stay F32 like in the golden Q8_0 file)
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k",
+                "iq2_xxs", "iq4_nl", "mxfp4")
+QUANTIZED = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight",
+             "attn_output_a.weight", "attn_output_b.weight", "indexer.attn_q_b.weight", "ffn_gate_exps.weight",
+             "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+             "ffn_down_shexp.weight")
+
 
 @dataclass
 class TinyConfig:
@@ -57,7 +67,8 @@ class TinyConfig:
     rope_scaling_factor: float = 16.0
     rope_orig_ctx: int = 65536
     context_length: int = 32768
-    weight_type: str = "f32"
+    weight_type: str = "f32"      # 2-D projections, experts, embedding and LM head
+    expert_type: str | None = None  # routed experts (default: weight_type)
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -77,8 +88,8 @@ class TinyConfig:
         need(self.n_expert_shared == 1, "n_expert_shared must be 1")
         need(self.hc_mult == 4, "hc_mult must be 4 (llama.cpp requires it)")
         need(self.indexer_top_k >= 1 and self.n_swa >= 1, "indexer_top_k and n_swa must be at least 1")
-        need(self.weight_type == "f32",
-             f"weight_type {self.weight_type!r}: quantized tiny models are not supported yet (only 'f32')")
+        for name in (self.weight_type, self.expert_type or self.weight_type):
+            need(name.lower() in WEIGHT_TYPES, f"weight type {name!r} is not one of {', '.join(WEIGHT_TYPES)}")
         build_vocab(self.n_vocab)  # raises for a too small vocabulary
 
 
@@ -246,6 +257,7 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     w.add_key_value("tokenizer.ggml.eos_token_id", vocab.eos_id, U32)
     w.add_key_value("tokenizer.ggml.add_bos_token", True, BOOL)
 
+    types: dict[str, str] = {}
     rng = _Weights(seed)
     D, HC = cfg.n_embd, cfg.hc_mult
     tensors = [
@@ -259,7 +271,19 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     for il in range(n_blocks):
         tensors += _layer_tensors(cfg, rng, il, mtp=il >= cfg.n_layer)
     for name, data in tensors:
-        w.add_tensor(name, np.ascontiguousarray(data))
+        wanted = _wanted_type(cfg, name)
+        if wanted is None or wanted == "f32":
+            w.add_tensor(name, np.ascontiguousarray(data))
+            continue
+        kind = _fitting_type(wanted, data.shape[-1])
+        types[name] = kind
+        if kind == "f16":
+            w.add_tensor(name, data.astype(np.float16))
+        elif kind == "f32":
+            w.add_tensor(name, np.ascontiguousarray(data))
+        else:
+            from .quantize import ggml_type, quantize
+            w.add_tensor(name, quantize(data, ggml_type(kind)), raw_dtype=ggml_type(kind))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -267,4 +291,25 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     w.close()
     out = dataclasses.asdict(cfg)
     out["seed"] = seed
+    out["tensor_types"] = types
     return out
+
+
+def _wanted_type(cfg: TinyConfig, name: str) -> str | None:
+    suffix = name.split(".", 2)[-1] if name.startswith("blk.") else name
+    if suffix not in QUANTIZED:
+        return None
+    if suffix.endswith("_exps.weight"):
+        return (cfg.expert_type or cfg.weight_type).lower()
+    return cfg.weight_type.lower()
+
+
+def _fitting_type(kind: str, n_per_row: int) -> str:
+    """`kind`, or the nearest type whose blocks fit rows of n_per_row values (like
+    llama-quantize's fallback for small tensors): q8_0, then f16."""
+    if kind in ("f32", "f16"):
+        return kind
+    from .quantize import block_size, ggml_type
+    if n_per_row % block_size(ggml_type(kind)) == 0:
+        return kind
+    return "q8_0" if n_per_row % 32 == 0 else "f16"

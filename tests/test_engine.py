@@ -16,6 +16,12 @@ from dsv4_ggml.tiny import write_tiny_model
 
 TOL = 1e-4
 
+
+def engine(path, **kw):
+    """The engine with F32 caches: the 1e-4 comparisons need them (F16, the default, rounds the
+    cached keys; tests/test_quant.py bounds that)."""
+    return dsv4_ggml.Model(path, cache_type=kw.pop("cache_type", "f32"), **kw)
+
 # Together: compress ratios 0/4/128, hash and score routing, indexer top-k far below the number
 # of compressed blocks (175 at 700 tokens), windows that are not a multiple of the ratios.
 # `prompt` seeds the 700 prompt tokens. Selections whose k-th and (k+1)-th scores are closer than
@@ -66,7 +72,7 @@ def case(request, tmp_path_factory):
 @pytest.mark.parametrize("n_ubatch", [512, 37])
 def test_prompt_then_greedy_decode_matches_reference(case, n_ubatch):
     name, path, toks, ref_logits, greedy, ref_steps = case
-    m = dsv4_ggml.Model(path, n_ctx=1024, n_ubatch=n_ubatch)
+    m = engine(path, n_ctx=1024, n_ubatch=n_ubatch)
     logits = m.eval(toks)
     err = rel_err(logits, ref_logits)
     print(f"{name} n_ubatch={n_ubatch}: prompt worst {err.max():.2e} median {np.median(err):.2e}")
@@ -89,7 +95,7 @@ def test_prompt_then_greedy_decode_matches_reference(case, n_ubatch):
 
 def test_one_batch_prefill_equals_token_by_token(tiny_model):
     toks = prompt(300, 7)
-    m = dsv4_ggml.Model(tiny_model, n_ctx=512)
+    m = engine(tiny_model, n_ctx=512)
     batch = m.eval(toks)
     m.reset()
     single = np.concatenate([m.eval([t]) for t in toks])
@@ -102,7 +108,7 @@ def test_decode_crosses_every_compression_boundary(tiny_model):
     """Token-by-token decode from position 0 through t = 3, 7, 31/32, 35, 127/128, 255/256."""
     toks = prompt(260, 8)
     ref = Reference(tiny_model).eval(toks)
-    m = dsv4_ggml.Model(tiny_model, n_ctx=512)
+    m = engine(tiny_model, n_ctx=512)
     out = np.concatenate([m.eval([t]) for t in toks])
     err = rel_err(out, ref)
     for t in (3, 7, 31, 32, 35, 127, 128, 255, 256):
@@ -113,7 +119,7 @@ def test_decode_crosses_every_compression_boundary(tiny_model):
 def test_golden_f32_matches_llamacpp(golden):
     toks = json.loads((golden / "tokens-700.json").read_text())
     want = np.load(golden / "ds4-tiny-f32.llamacpp-logits.npy")
-    m = dsv4_ggml.Model(golden / "ds4-tiny-f32.gguf", n_ctx=1024)
+    m = engine(golden / "ds4-tiny-f32.gguf", n_ctx=1024)
     for mode in ("batch", "decode", "chunks37"):
         m.reset()
         if mode == "batch":
@@ -133,7 +139,7 @@ def test_golden_q8_0_against_llamacpp_within_measured_bound(golden):
     the tiny model chaotic. Measured: median 1.9e-2, worst 0.38, argmax 94% (decode)."""
     toks = json.loads((golden / "tokens-700.json").read_text())
     want = np.load(golden / "ds4-tiny-q8_0.llamacpp-logits.npy")
-    m = dsv4_ggml.Model(golden / "ds4-tiny-q8_0.gguf", n_ctx=1024)
+    m = engine(golden / "ds4-tiny-q8_0.gguf", n_ctx=1024)
     got = np.concatenate([m.eval([t]) for t in toks])
     err = rel_err(got, want)
     agree = (got.argmax(1) == want.argmax(1)).mean()
@@ -144,7 +150,7 @@ def test_golden_q8_0_against_llamacpp_within_measured_bound(golden):
 
 def test_last_only_logits_equal_the_last_row(tiny_model):
     toks = prompt(100, 9)
-    m = dsv4_ggml.Model(tiny_model, n_ctx=256, n_ubatch=32)
+    m = engine(tiny_model, n_ctx=256, n_ubatch=32)
     full = m.eval(toks)
     m.reset()
     last = m.eval(toks, logits="last")
@@ -154,14 +160,14 @@ def test_last_only_logits_equal_the_last_row(tiny_model):
 
 def test_eval_past_n_ctx_raises_and_leaves_the_state(tiny_model):
     toks = prompt(40, 10)
-    m = dsv4_ggml.Model(tiny_model, n_ctx=48)
+    m = engine(tiny_model, n_ctx=48)
     m.eval(toks[:30])
     m.eval(toks[30:])              # 40 of 48 used
     with pytest.raises(errors.ContextOverflowError, match="n_ctx 48"):
         m.eval(toks[:20])
     assert m.n_past == 40
     after = m.eval(toks[:8])       # still usable, and the failed call changed nothing
-    m2 = dsv4_ggml.Model(tiny_model, n_ctx=48)
+    m2 = engine(tiny_model, n_ctx=48)
     m2.eval(toks[:30])
     m2.eval(toks[30:])
     np.testing.assert_array_equal(after, m2.eval(toks[:8]))
@@ -169,7 +175,7 @@ def test_eval_past_n_ctx_raises_and_leaves_the_state(tiny_model):
 
 @pytest.mark.parametrize("bad", [[], [-1], [512], [3, 600, 4], [[1, 2]], [1.5]])
 def test_bad_tokens_raise_and_leave_the_state(tiny_model, bad):
-    m = dsv4_ggml.Model(tiny_model, n_ctx=64)
+    m = engine(tiny_model, n_ctx=64)
     m.eval([5, 6, 7])
     with pytest.raises(errors.InvalidArgumentError):
         m.eval(bad)
@@ -192,10 +198,10 @@ def test_state_memory_is_sized_from_n_ctx_and_the_ratios(tiny_model):
         return 4 * total
 
     for n_ctx in (512, 4096):
-        m = dsv4_ggml.Model(tiny_model, n_ctx=n_ctx)
+        m = engine(tiny_model, n_ctx=n_ctx)
         assert abs(m.state_bytes - expected(n_ctx)) <= 6 * 512, (m.state_bytes, expected(n_ctx))
-    growth = (dsv4_ggml.Model(tiny_model, n_ctx=4096).state_bytes
-              - dsv4_ggml.Model(tiny_model, n_ctx=512).state_bytes) / (4096 - 512)
+    growth = (engine(tiny_model, n_ctx=4096).state_bytes
+              - engine(tiny_model, n_ctx=512).state_bytes) / (4096 - 512)
     # 2 CSA layers × (256 + 128) / 4 + 2 HCA layers × 256 / 128 floats per token = 196 floats
     assert abs(growth - 4 * 196) < 4
 
@@ -203,7 +209,7 @@ def test_state_memory_is_sized_from_n_ctx_and_the_ratios(tiny_model):
 def test_decode_reuses_the_graph_between_steps(tiny_model):
     """A decode step rebuilds its graph only when a visible-cache width changes (every 64
     compressed blocks), not every token."""
-    m = dsv4_ggml.Model(tiny_model, n_ctx=1024)
+    m = engine(tiny_model, n_ctx=1024)
     m.eval(prompt(100, 11))
     before = m.stats()
     for t in prompt(200, 12):

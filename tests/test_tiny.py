@@ -64,7 +64,7 @@ def test_overrides_change_the_file(tmp_path):
     (dict(n_head=3), ValueError),
     (dict(n_expert_used=9), ValueError),
     (dict(n_hash_layers=7), ValueError),
-    (dict(weight_type="q4_k"), ValueError),
+    (dict(weight_type="q9_z"), ValueError),
     (dict(n_vocab=100), ValueError),
 ])
 def test_bad_overrides_raise(tmp_path, opts, exc):

@@ -131,6 +131,7 @@ typedef struct dsv4_session_params {
     int32_t n_ctx;             /* tokens the session can hold */
     int32_t n_ubatch;          /* tokens per micro-batch of a prefill */
     int32_t n_threads;         /* CPU threads; <= 0: the model's setting */
+    int32_t cache_type;        /* ggml type of the window and compressed caches: f32, f16 (default), bf16, q8_0 */
 } dsv4_session_params;
 
 typedef struct dsv4_session_stats {
@@ -143,6 +144,12 @@ typedef struct dsv4_session_stats {
 } dsv4_session_stats;
 
 DSV4_API const char * dsv4_version(void);
+/* Quantizes n_rows rows of n_per_row floats into ggml type `type` (ggml's own quantizers;
+ * imatrix: n_per_row importance weights, required by the IQ2/IQ1 types). *written = bytes. */
+DSV4_API dsv4_status dsv4_quantize(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row,
+                                   const float * imatrix, void * dst, size_t dst_capacity, size_t * written);
+/* Block size (elements) and block bytes of a ggml type; 0 for types that do not exist. */
+DSV4_API dsv4_status dsv4_type_size(int32_t type, int64_t * block_size, size_t * block_bytes);
 DSV4_API const char * dsv4_last_error(void);
 DSV4_API const char * dsv4_status_name(dsv4_status status);
 DSV4_API bool dsv4_backend_available(int32_t backend);
@@ -156,7 +163,8 @@ DSV4_API dsv4_status dsv4_model_get_hparams(const dsv4_model * model, dsv4_hpara
 DSV4_API dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out);
 DSV4_API dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out);
 /* Bytes a session of n_ctx tokens would hold as persistent state, without allocating it. */
-DSV4_API dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, uint64_t * out);
+DSV4_API dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, int32_t cache_type,
+                                            uint64_t * out);
 
 /* The tokenizer data of the file: token id -> text (UTF-8 of the GGUF string, byte-level BPE
  * alphabet) and llama.cpp token type; merge i -> "a b"; a string metadata value by key.

@@ -89,6 +89,42 @@ bool dsv4_backend_available(int32_t backend) {
     return false;
 }
 
+dsv4_status dsv4_quantize(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row, const float * imatrix,
+                          void * dst, size_t dst_capacity, size_t * written) {
+    return guarded([&] {
+        require(src, "src");
+        require(dst, "dst");
+        require(written, "written");
+        if (type < 0 || type >= GGML_TYPE_COUNT || ggml_blck_size(ggml_type(type)) == 0 ||
+            !(ggml_is_quantized(ggml_type(type)) || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16)) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "cannot quantize to ggml type %d", int(type));
+        }
+        const ggml_type t = ggml_type(type);
+        if (n_rows < 1 || n_per_row < 1 || n_per_row % ggml_blck_size(t) != 0) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "%s needs rows of a multiple of %lld values, got %lld x %lld",
+                       ggml_type_name(t), (long long) ggml_blck_size(t), (long long) n_rows, (long long) n_per_row);
+        }
+        if (ggml_quantize_requires_imatrix(t) && imatrix == nullptr) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "%s needs an importance matrix", ggml_type_name(t));
+        }
+        const size_t need = ggml_row_size(t, n_per_row) * size_t(n_rows);
+        if (dst_capacity < need) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "dst has %zu bytes, %zu needed", dst_capacity, need);
+        }
+        *written = ggml_quantize_chunk(t, src, dst, 0, n_rows, n_per_row, imatrix);
+    });
+}
+
+dsv4_status dsv4_type_size(int32_t type, int64_t * block_size, size_t * block_bytes) {
+    return guarded([&] {
+        require(block_size, "block_size");
+        require(block_bytes, "block_bytes");
+        const bool ok = type >= 0 && type < GGML_TYPE_COUNT;
+        *block_size = ok ? ggml_blck_size(ggml_type(type)) : 0;
+        *block_bytes = ok && *block_size ? ggml_type_size(ggml_type(type)) : 0;
+    });
+}
+
 dsv4_model_params dsv4_model_default_params(void) {
     dsv4_model_params p{};
     p.backend = DSV4_BACKEND_CPU;
@@ -141,14 +177,14 @@ dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4
     });
 }
 
-dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, uint64_t * out) {
+dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, int32_t cache_type, uint64_t * out) {
     return guarded([&] {
         require(model, "model");
         require(out, "out");
         if (n_ctx < 1) {
             dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "n_ctx must be at least 1, got %d", int(n_ctx));
         }
-        *out = dsv4::state_bytes(model->hp, n_ctx);
+        *out = dsv4::state_bytes(model->hp, n_ctx, cache_type);
     });
 }
 
@@ -212,6 +248,7 @@ dsv4_session_params dsv4_session_default_params(void) {
     p.n_ctx = 4096;
     p.n_ubatch = 512;
     p.n_threads = 0;
+    p.cache_type = GGML_TYPE_F16;
     return p;
 }
 

@@ -51,8 +51,8 @@ void clear_state(dsv4_session & s) {
     s.n_past = 0;
 }
 
-ggml_tensor * new_state(ggml_context * ctx, int64_t ne0, int64_t ne1, const char * name, uint32_t il) {
-    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, ne1);
+ggml_tensor * new_state(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, const char * name, uint32_t il) {
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, type, ne0, ne1);
     ggml_format_name(t, "%s.%u", name, unsigned(il));
     return t;
 }
@@ -132,30 +132,46 @@ void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out
 // layer a window ring; ratio 4: compressor rings of 8 rows (values and logits, 2·Dh wide) and
 // n_ctx/4 + 1 cache rows, plus the same for the indexer (Di wide); ratio 128: rings of 128 rows
 // and n_ctx/128 + 1 cache rows. The extra cache row takes the writes of dummy blocks.
-void for_each_state_tensor(const dsv4_hparams & hp, int64_t n_ctx,
-                           const std::function<void(uint32_t il, const char * name, int64_t ne0, int64_t ne1)> & fn) {
+// The compressor rings stay F32 (the reference keeps them in FP32, §4.1); the window and the
+// compressed caches take the session's cache type.
+void for_each_state_tensor(const dsv4_hparams & hp, int64_t n_ctx, ggml_type cache_type,
+                           const std::function<void(uint32_t il, const char * name, ggml_type type, int64_t ne0,
+                                                    int64_t ne1)> & fn) {
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const int ratio = hp.compress_ratios[il];
-        fn(il, "window", hp.head_dim, hp.n_swa);
+        fn(il, "window", cache_type, hp.head_dim, hp.n_swa);
         if (ratio != 0) {
             const int64_t c = ratio == 4 ? 2 : 1;
             const int64_t rows = ratio == 4 ? 8 : 128;
-            fn(il, "comp_kv", c * hp.head_dim, rows);
-            fn(il, "comp_score", c * hp.head_dim, rows);
-            fn(il, "comp_cache", hp.head_dim, n_ctx / ratio + 1);
+            fn(il, "comp_kv", GGML_TYPE_F32, c * hp.head_dim, rows);
+            fn(il, "comp_score", GGML_TYPE_F32, c * hp.head_dim, rows);
+            fn(il, "comp_cache", cache_type, hp.head_dim, n_ctx / ratio + 1);
         }
         if (ratio == 4) {
-            fn(il, "index_kv", 2 * int64_t(hp.indexer_head_dim), 8);
-            fn(il, "index_score", 2 * int64_t(hp.indexer_head_dim), 8);
-            fn(il, "index_cache", hp.indexer_head_dim, n_ctx / 4 + 1);
+            fn(il, "index_kv", GGML_TYPE_F32, 2 * int64_t(hp.indexer_head_dim), 8);
+            fn(il, "index_score", GGML_TYPE_F32, 2 * int64_t(hp.indexer_head_dim), 8);
+            fn(il, "index_cache", cache_type, hp.indexer_head_dim, n_ctx / 4 + 1);
         }
     }
 }
 
-uint64_t state_bytes(const dsv4_hparams & hp, int64_t n_ctx) {
+void check_cache_type(const dsv4_hparams & hp, int32_t type) {
+    if (type != GGML_TYPE_F32 && type != GGML_TYPE_F16 && type != GGML_TYPE_BF16 && type != GGML_TYPE_Q8_0) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "cache type %d is not supported (f32, f16, bf16, q8_0)", int(type));
+    }
+    const int64_t blck = ggml_blck_size(ggml_type(type));
+    if (hp.head_dim % blck != 0 || hp.indexer_head_dim % blck != 0) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "cache type %s needs head dims that are multiples of %lld",
+             ggml_type_name(ggml_type(type)), (long long) blck);
+    }
+}
+
+uint64_t state_bytes(const dsv4_hparams & hp, int64_t n_ctx, int32_t cache_type) {
+    check_cache_type(hp, cache_type);
     uint64_t total = 0;
-    for_each_state_tensor(hp, n_ctx, [&](uint32_t, const char *, int64_t ne0, int64_t ne1) {
-        total += GGML_PAD(uint64_t(ne0) * uint64_t(ne1) * sizeof(float), 32);
+    for_each_state_tensor(hp, n_ctx, ggml_type(cache_type),
+                          [&](uint32_t, const char *, ggml_type type, int64_t ne0, int64_t ne1) {
+        total += GGML_PAD(ggml_row_size(type, ne0) * uint64_t(ne1), 32);
     });
     return total;
 }
@@ -195,9 +211,11 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     const size_t n_tensors = size_t(hp.n_layer) * 7 + 1;
     s->ctx_state = ggml_init({ggml_tensor_overhead() * n_tensors, nullptr, true});
     s->layers.resize(hp.n_layer);
-    for_each_state_tensor(hp, params.n_ctx, [&](uint32_t il, const char * name, int64_t ne0, int64_t ne1) {
+    check_cache_type(hp, params.cache_type);
+    for_each_state_tensor(hp, params.n_ctx, ggml_type(params.cache_type),
+                          [&](uint32_t il, const char * name, ggml_type type, int64_t ne0, int64_t ne1) {
         LayerState & L = s->layers[il];
-        ggml_tensor * t = new_state(s->ctx_state, ne0, ne1, name, il);
+        ggml_tensor * t = new_state(s->ctx_state, type, ne0, ne1, name, il);
         const std::string n = name;
         ggml_tensor ** slot = n == "window" ? &L.window
                             : n == "comp_kv" ? &L.main.kv

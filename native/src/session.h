@@ -52,7 +52,7 @@ namespace dsv4 {
 std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_session_params & params);
 
 // Bytes of a session's persistent state for n_ctx tokens (what create_session allocates).
-uint64_t state_bytes(const dsv4_hparams & hp, int64_t n_ctx);
+uint64_t state_bytes(const dsv4_hparams & hp, int64_t n_ctx, int32_t cache_type);
 
 // Runs `n` tokens (in micro-batches of params.n_ubatch) and writes logits: all rows
 // (out_rows == n) or only the last (out_rows == 1) or none (out_rows == 0).

@@ -120,6 +120,10 @@ RatioPlan make_ratio_plan(int ratio, int64_t pos0, int64_t T, int64_t n_rows) {
     // block j is visible to query t iff j < (t+1)/r, including to the completing token (§3.4.4)
     const int64_t max_visible = end / ratio;
     p.n_view = std::min(round_up(std::max<int64_t>(max_visible, 1), kViewQuantum), n_rows - 1);
+    p.view_rows.resize(size_t(p.n_view));
+    for (int64_t j = 0; j < p.n_view; ++j) {
+        p.view_rows[size_t(j)] = int32_t(j);
+    }
     p.visible_mask.assign(size_t(p.n_view * T), kNegInf);
     for (int64_t i = 0; i < T; ++i) {
         const int64_t nvis = std::min((pos0 + i + 1) / ratio, p.n_view);
@@ -164,6 +168,10 @@ StepPlan make_plan(const dsv4_hparams & hp, int64_t pos0, const int32_t * tokens
     for (int64_t i = std::max<int64_t>(0, T - W); i < T; ++i) {
         p.window_src.push_back(int32_t(i));
         p.window_dst.push_back(pos_mod(pos0 + i, W));
+    }
+    p.window_rows.resize(size_t(W));
+    for (int64_t s = 0; s < W; ++s) {
+        p.window_rows[size_t(s)] = int32_t(s);
     }
 
     p.has4 = has4;
@@ -219,8 +227,13 @@ Step::RatioInputs & Step::inputs(Stream st) {
         in.persist_dst = input(GGML_TYPE_I64, int64_t(p.persist_dst.size()));
         in.visible_f32 = input(GGML_TYPE_F32, p.n_view, n_tokens);
         in.visible_f16 = input(GGML_TYPE_F16, p.n_view, n_tokens);
+        in.view_rows = input(GGML_TYPE_I32, p.n_view);
     }
     return in;
+}
+
+ggml_tensor * Step::as_f32(ggml_tensor * t, ggml_tensor * rows) {
+    return t->type == GGML_TYPE_F32 ? t : ggml_get_rows(ctx, t, rows);
 }
 
 CompressorState & Step::state(uint32_t il, Stream st) {
@@ -234,9 +247,10 @@ KeySet Step::window(uint32_t il, ggml_tensor * kv) {
         window_mask_ = input(GGML_TYPE_F32, hp.n_swa + n_tokens, n_tokens);
         window_src_ = input(GGML_TYPE_I32, int64_t(plan_.window_src.size()));
         window_dst_ = input(GGML_TYPE_I64, int64_t(plan_.window_dst.size()));
+        window_rows_ = input(GGML_TYPE_I32, hp.n_swa);
     }
     KeySet keys;
-    keys.shared = ggml_concat(ctx, ring, kv2, 1);
+    keys.shared = ggml_concat(ctx, as_f32(ring, window_rows_), kv2, 1);
     keys.shared_mask = window_mask_;
     deferred_.push_back(ggml_set_rows(ctx, ring, ggml_get_rows(ctx, kv2, window_src_), window_dst_));
     return keys;
@@ -276,9 +290,10 @@ ggml_tensor * Step::store(uint32_t il, Stream st, ggml_tensor * entries) {
 }
 
 KeySet Step::with_all(uint32_t, const KeySet & keys, ggml_tensor * cache) {
+    RatioInputs & in = inputs(Stream::HCA);
     KeySet out = keys;
-    out.shared = ggml_concat(ctx, keys.shared, cache, 1);
-    out.shared_mask = ggml_concat(ctx, keys.shared_mask, inputs(Stream::HCA).visible_f32, 0);
+    out.shared = ggml_concat(ctx, keys.shared, as_f32(cache, in.view_rows), 1);
+    out.shared_mask = ggml_concat(ctx, keys.shared_mask, in.visible_f32, 0);
     return out;
 }
 
@@ -313,6 +328,7 @@ void Step::set_inputs() const {
     put(window_mask_, plan_.window_mask.data(), plan_.window_mask.size() * sizeof(float));
     put(window_src_, plan_.window_src.data(), plan_.window_src.size() * sizeof(int32_t));
     put(window_dst_, plan_.window_dst.data(), plan_.window_dst.size() * sizeof(int64_t));
+    put(window_rows_, plan_.window_rows.data(), plan_.window_rows.size() * sizeof(int32_t));
     for (int which = 0; which < 2; ++which) {
         const RatioInputs & in = which == 0 ? in4_ : in128_;
         const RatioPlan & p = which == 0 ? plan_.r4 : plan_.r128;
@@ -326,6 +342,7 @@ void Step::set_inputs() const {
         put(in.persist_src, p.persist_src.data(), p.persist_src.size() * sizeof(int32_t));
         put(in.persist_dst, p.persist_dst.data(), p.persist_dst.size() * sizeof(int64_t));
         put(in.visible_f32, p.visible_mask.data(), p.visible_mask.size() * sizeof(float));
+        put(in.view_rows, p.view_rows.data(), p.view_rows.size() * sizeof(int32_t));
         std::vector<ggml_fp16_t> half(p.visible_mask.size());
         ggml_fp32_to_fp16_row(p.visible_mask.data(), half.data(), int64_t(half.size()));
         put(in.visible_f16, half.data(), half.size() * sizeof(ggml_fp16_t));

@@ -83,6 +83,7 @@ struct RatioPlan {
     std::vector<int32_t> persist_src;     // batch rows kept in the ring ...
     std::vector<int64_t> persist_dst;     // ... and their ring rows
     std::vector<float> visible_mask;      // [n_view·T] 0 / -inf: block j visible to query t
+    std::vector<int32_t> view_rows;       // [n_view] 0 … n_view−1 (reads a non-F32 cache as F32)
 };
 
 struct StepPlan {
@@ -93,6 +94,7 @@ struct StepPlan {
     std::vector<float> window_mask;       // [(n_swa + T)·T]: ring slots, then the batch
     std::vector<int32_t> window_src;      // batch rows kept in the window ring ...
     std::vector<int64_t> window_dst;      // ... and their slots
+    std::vector<int32_t> window_rows;     // 0 … n_swa−1 (reads a non-F32 ring as F32)
     bool has4 = false, has128 = false;
     RatioPlan r4, r128;
 };
@@ -155,7 +157,10 @@ class Step {
         ggml_tensor * persist_dst = nullptr;
         ggml_tensor * visible_f32 = nullptr;
         ggml_tensor * visible_f16 = nullptr;
+        ggml_tensor * view_rows = nullptr;
     };
+    // `t` as F32 rows (a copy through get_rows when the cache holds another type)
+    ggml_tensor * as_f32(ggml_tensor * t, ggml_tensor * rows);
     ggml_tensor * input(ggml_type type, int64_t ne0, int64_t ne1 = 1);
     RatioInputs & inputs(Stream st);
     const RatioPlan & ratio_plan(Stream st) const;
@@ -167,6 +172,7 @@ class Step {
     ggml_tensor * window_mask_ = nullptr;
     ggml_tensor * window_src_ = nullptr;
     ggml_tensor * window_dst_ = nullptr;
+    ggml_tensor * window_rows_ = nullptr;
     RatioInputs in4_, in128_;
     std::vector<ggml_tensor *> effects_;
     std::vector<ggml_tensor *> deferred_;
