@@ -275,6 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(ch)
     ch.set_defaults(fn=cmd_chat)
 
+    b = sub.add_parser("bench", help="measure prompt and generation throughput (llama-bench style)",
+                       description="pp: prefill throughput; tg: decode throughput after a prefill of "
+                                   "each --depth. Warm-up run, then --repetitions runs: mean ± std.")
+    b.add_argument("-m", "--model", required=True, help="a DeepSeek-V4 .gguf file")
+    b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0: skip pp; default 512)")
+    b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0: skip tg; default 128)")
+    b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    b.add_argument("-d", "--depth", default="0", help="comma-separated context depths for tg (default 0)")
+    b.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test (default 3)")
+    b.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
+    b.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
+    b.add_argument("--bandwidth", type=float, default=None,
+                   help="measured memory read bandwidth in GB/s (benchmarks/membw) for the floor")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.set_defaults(fn=lambda a: __import__("dsv4_ggml.bench", fromlist=["main_args"]).main_args(a))
+
     v = sub.add_parser("version", help="print versions", description="Print versions.")
     v.set_defaults(fn=cmd_version)
     return p

@@ -148,9 +148,12 @@ def test_golden_q8_0_against_llamacpp_within_measured_bound(golden):
     assert np.median(err) < 0.04 and agree > 0.9
 
 
-def test_last_only_logits_equal_the_last_row(tiny_model):
+@pytest.mark.parametrize("n_ubatch", [1, 7, 32])
+def test_last_only_logits_equal_the_last_row(tiny_model, n_ubatch):
+    """Micro-batches whose logits nobody reads build no output head; their ring overwrites must
+    still come after every ring read (regression: a NONE graph wrote a ring before reading it)."""
     toks = prompt(100, 9)
-    m = engine(tiny_model, n_ctx=256, n_ubatch=32)
+    m = engine(tiny_model, n_ctx=256, n_ubatch=n_ubatch)
     full = m.eval(toks)
     m.reset()
     last = m.eval(toks, logits="last")
@@ -207,8 +210,9 @@ def test_state_memory_is_sized_from_n_ctx_and_the_ratios(tiny_model):
 
 
 def test_decode_reuses_the_graph_between_steps(tiny_model):
-    """A decode step rebuilds its graph only when a visible-cache width changes (every 64
-    compressed blocks), not every token."""
+    """Decode steps reuse a few cached graphs: one without a completed block, one completing a
+    CSA block (every 4th token), one completing an HCA block too (every 128th); new ones only
+    when a visible-cache width changes (every 64 blocks), never per token."""
     m = engine(tiny_model, n_ctx=1024)
     m.eval(prompt(100, 11))
     before = m.stats()
@@ -219,4 +223,4 @@ def test_decode_reuses_the_graph_between_steps(tiny_model):
     print(f"200 decode steps: {builds} graph builds, {after['n_graph_nodes']} nodes, "
           f"compute buffer {after['compute_bytes']} bytes")
     assert after["n_ubatches"] - before["n_ubatches"] == 200
-    assert builds <= 3
+    assert builds <= 6   # steps 100..299: 3 kinds, the CSA width changes once (t = 256)

@@ -8,22 +8,26 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
+#include <map>
 #include <string>
 #include <thread>
 
 namespace dsv4 {
 
-void free_graph(dsv4_session & s) {
-    s.step.reset();
-    if (s.ctx_graph != nullptr) {
-        ggml_free(s.ctx_graph);
-        s.ctx_graph = nullptr;
+CachedGraph::~CachedGraph() {
+    step.reset();
+    if (sched != nullptr) {
+        ggml_backend_sched_free(sched);
     }
-    s.graph = nullptr;
-    s.logits = nullptr;
-    s.graph_ready = false;
+    if (ctx != nullptr) {
+        ggml_free(ctx);
+    }
 }
+
+constexpr size_t kMaxCachedGraphs = 4;
 
 namespace {
 
@@ -57,72 +61,122 @@ ggml_tensor * new_state(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t
     return t;
 }
 
-// Builds the graph of s.plan: embedding, the trunk layers, the output head, then the deferred
-// state writes (after every read of the old state).
-void build_graph(dsv4_session & s) {
+// DSV4_GRAPH_STATS=1: per-op node counts of every graph built (for profiling work)
+void print_graph_stats(ggml_cgraph * g, int64_t n_tokens) {
+    std::map<std::string, int> ops;
+    int computed = 0;
+    for (int i = 0; i < ggml_graph_n_nodes(g); ++i) {
+        ggml_tensor * t = ggml_graph_node(g, i);
+        const bool empty = t->op == GGML_OP_NONE || t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE ||
+                           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_TRANSPOSE;
+        computed += !empty;
+        ops[empty ? std::string("(view)") : std::string(ggml_op_desc(t))] += 1;
+    }
+    std::fprintf(stderr, "dsv4 graph: %d tokens, %d nodes (%d computed):", int(n_tokens), ggml_graph_n_nodes(g), computed);
+    for (const auto & kv : ops) {
+        std::fprintf(stderr, " %s=%d", kv.first.c_str(), kv.second);
+    }
+    std::fprintf(stderr, "\n");
+}
+
+size_t max_graph_nodes(const dsv4_hparams & hp) {
+    return 4096 + size_t(hp.n_layer_all) * 1024;
+}
+
+// Builds and allocates the graph of s.plan: embedding, the trunk layers, the output head, then
+// the cache writes and the deferred ring overwrites (after every read of the old rings).
+std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key) {
     const dsv4_model & m = *s.model;
     const dsv4_hparams & hp = m.hp;
-    free_graph(s);
-    const size_t max_nodes = 4096 + size_t(hp.n_layer_all) * 1024;
+    auto g = std::make_unique<CachedGraph>();
+    g->key = key;
+    const size_t max_nodes = max_graph_nodes(hp);
     const size_t mem = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
-    s.graph_mem.resize(mem);
-    s.ctx_graph = ggml_init({mem, s.graph_mem.data(), true});
-    if (s.ctx_graph == nullptr) {
+    g->mem.resize(mem);
+    g->ctx = ggml_init({mem, g->mem.data(), true});
+    if (g->ctx == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot create the graph context");
     }
-    s.graph = ggml_new_graph_custom(s.ctx_graph, max_nodes, false);
-    s.step = std::make_unique<Step>(s.ctx_graph, hp, s.layers, s.plan);
-    Step & st = *s.step;
+    g->graph = ggml_new_graph_custom(g->ctx, max_nodes, false);
+    g->step = std::make_unique<Step>(g->ctx, hp, s.layers, s.plan);
+    Step & st = *g->step;
 
     ggml_tensor * X = embed(st, m.weights);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         X = layer(st, m.weights.layers[il], il, X);
     }
-    if (s.out != OutMode::NONE) {
-        if (s.out == OutMode::LAST) {  // only the last token's logits: select it before the HC head (§3.9)
-            X = ggml_cont(s.ctx_graph, ggml_view_3d(s.ctx_graph, X, X->ne[0], X->ne[1], 1, X->nb[1], X->nb[2],
-                                                    size_t(st.n_tokens - 1) * X->nb[2]));
+    if (key.out != OutMode::NONE) {
+        if (key.out == OutMode::LAST) {  // only the last token's logits: select it before the HC head (§3.9)
+            X = ggml_cont(g->ctx, ggml_view_3d(g->ctx, X, X->ne[0], X->ne[1], 1, X->nb[1], X->nb[2],
+                                               size_t(st.n_tokens - 1) * X->nb[2]));
         }
-        s.logits = output_head(st, m.weights, X);
-        ggml_set_output(s.logits);
-        ggml_build_forward_expand(s.graph, s.logits);
+        g->logits = output_head(st, m.weights, X);
+        ggml_set_output(g->logits);
+        ggml_build_forward_expand(g->graph, g->logits);
     }
-    // the cache writes (and, through them, every read of the compressor rings) come before the
-    // ring overwrites
+    // Graph order is expansion order. Every ring overwrite must come after every read of the old
+    // ring: expand the cache writes, then the rows each overwrite writes (whose inputs reach all
+    // earlier layers, and so all their ring reads), and only then the overwrites themselves.
     for (ggml_tensor * t : st.effects()) {
-        ggml_build_forward_expand(s.graph, t);
+        ggml_build_forward_expand(g->graph, t);
     }
     for (ggml_tensor * t : st.deferred()) {
-        ggml_build_forward_expand(s.graph, t);
+        ggml_build_forward_expand(g->graph, t->src[0]);
     }
-    ggml_backend_sched_reset(s.sched);
-    if (!ggml_backend_sched_alloc_graph(s.sched, s.graph)) {
-        free_graph(s);
+    for (ggml_tensor * t : st.deferred()) {
+        ggml_build_forward_expand(g->graph, t);
+    }
+    ggml_backend_t backends[1] = {s.backend};
+    g->sched = ggml_backend_sched_new(backends, nullptr, 1, max_nodes, false, false);
+    if (g->sched == nullptr) {
+        fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
+    }
+    if (!ggml_backend_sched_alloc_graph(g->sched, g->graph)) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
     }
-    s.graph_ready = true;
     s.n_graph_builds += 1;
+    if (std::getenv("DSV4_GRAPH_STATS") != nullptr) {
+        print_graph_stats(g->graph, s.plan.n_tokens);
+    }
+    return g;
+}
+
+// The cached graph for `key`, built (evicting the least recently used) when there is none.
+CachedGraph & graph_for(dsv4_session & s, const GraphKey & key) {
+    CachedGraph * found = nullptr;
+    for (auto & g : s.graphs) {
+        if (g->key == key) {
+            found = g.get();
+        }
+    }
+    if (found == nullptr) {
+        if (s.graphs.size() >= kMaxCachedGraphs) {
+            auto lru = std::min_element(s.graphs.begin(), s.graphs.end(),
+                                        [](const auto & a, const auto & b) { return a->last_use < b->last_use; });
+            s.graphs.erase(lru);
+        }
+        s.graphs.push_back(build_graph(s, key));
+        found = s.graphs.back().get();
+    }
+    found->last_use = ++s.use_clock;
+    return *found;
 }
 
 void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out, float * logits) {
     const dsv4_hparams & hp = s.model->hp;
-    StepPlan p = make_plan(hp, s.n_past, tokens, T, s.n_rows4, s.n_rows128, s.has4, s.has128);
-    const GraphKey k = graph_key(p);
-    s.plan = std::move(p);  // the Step of a reused graph reads its inputs from s.plan
-    if (!s.graph_ready || !(k == s.key) || out != s.out) {
-        s.out = out;
-        s.key = k;
-        build_graph(s);
-    }
-    s.step->set_inputs();
-    if (ggml_backend_sched_graph_compute(s.sched, s.graph) != GGML_STATUS_SUCCESS) {
-        free_graph(s);
+    s.plan = make_plan(hp, s.n_past, tokens, T, s.n_rows4, s.n_rows128, s.has4, s.has128);
+    CachedGraph & g = graph_for(s, graph_key(s.plan, out));
+    s.current = &g;
+    g.step->set_inputs();
+    if (ggml_backend_sched_graph_compute(g.sched, g.graph) != GGML_STATUS_SUCCESS) {
+        s.current = nullptr;
+        s.graphs.clear();
         fail(DSV4_ERR_BACKEND, "the backend failed to compute the graph");
     }
     s.n_past += T;
     s.n_ubatches += 1;
     if (out != OutMode::NONE) {
-        ggml_backend_tensor_get(s.logits, logits, 0, ggml_nbytes(s.logits));
+        ggml_backend_tensor_get(g.logits, logits, 0, ggml_nbytes(g.logits));
     }
 }
 
@@ -232,12 +286,6 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     }
     clear_state(*s);
 
-    ggml_backend_t backends[1] = {s->backend};
-    const size_t max_nodes = 4096 + size_t(hp.n_layer_all) * 1024;
-    s->sched = ggml_backend_sched_new(backends, nullptr, 1, max_nodes, false, false);
-    if (s->sched == nullptr) {
-        fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
-    }
     return s;
 }
 
@@ -282,19 +330,19 @@ dsv4_session_stats session_stats(const dsv4_session & s) {
     st.n_past = s.n_past;
     st.n_ubatches = s.n_ubatches;
     st.n_graph_builds = s.n_graph_builds;
-    st.n_graph_nodes = s.graph != nullptr ? ggml_graph_n_nodes(s.graph) : 0;
+    st.n_graph_nodes = s.current != nullptr ? ggml_graph_n_nodes(s.current->graph) : 0;
     st.state_bytes = ggml_backend_buffer_get_size(s.buf_state);
-    st.compute_bytes = ggml_backend_sched_get_buffer_size(s.sched, s.backend);
+    for (const auto & g : s.graphs) {
+        st.compute_bytes += ggml_backend_sched_get_buffer_size(g->sched, s.backend);
+    }
     return st;
 }
 
 }  // namespace dsv4
 
 dsv4_session::~dsv4_session() {
-    dsv4::free_graph(*this);
-    if (sched != nullptr) {
-        ggml_backend_sched_free(sched);
-    }
+    current = nullptr;
+    graphs.clear();
     if (buf_state != nullptr) {
         ggml_backend_buffer_free(buf_state);
     }

@@ -13,14 +13,26 @@
 #include <vector>
 
 namespace dsv4 {
-enum class OutMode { NONE, LAST, ALL };  // which logits a micro-batch graph computes
-}
+
+// A built and allocated graph, kept for the steps whose plan has the same key.
+struct CachedGraph {
+    GraphKey key;
+    std::vector<uint8_t> mem;
+    ggml_context * ctx = nullptr;
+    ggml_cgraph * graph = nullptr;
+    ggml_tensor * logits = nullptr;
+    std::unique_ptr<Step> step;
+    ggml_backend_sched_t sched = nullptr;  // each graph keeps its own compute buffer
+    uint64_t last_use = 0;
+    ~CachedGraph();
+};
+
+}  // namespace dsv4
 
 struct dsv4_session {
     dsv4_model * model = nullptr;
     dsv4_session_params params{};
     ggml_backend_t backend = nullptr;
-    ggml_backend_sched_t sched = nullptr;
 
     // persistent state (§4.1)
     ggml_context * ctx_state = nullptr;
@@ -31,16 +43,12 @@ struct dsv4_session {
     bool has4 = false, has128 = false;
     int64_t n_past = 0;
 
-    // the graph of the current micro-batch
-    std::vector<uint8_t> graph_mem;
-    ggml_context * ctx_graph = nullptr;
-    ggml_cgraph * graph = nullptr;
-    ggml_tensor * logits = nullptr;
-    std::unique_ptr<dsv4::Step> step;
+    // the plan of the current micro-batch (every cached graph's Step reads its inputs from it)
+    // and the graphs built so far, most recently used last
     dsv4::StepPlan plan;
-    dsv4::GraphKey key;
-    dsv4::OutMode out = dsv4::OutMode::ALL;
-    bool graph_ready = false;
+    std::vector<std::unique_ptr<dsv4::CachedGraph>> graphs;
+    dsv4::CachedGraph * current = nullptr;
+    uint64_t use_clock = 0;
     int64_t n_graph_builds = 0;
     int64_t n_ubatches = 0;
 

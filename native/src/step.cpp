@@ -109,6 +109,7 @@ RatioPlan make_ratio_plan(int ratio, int64_t pos0, int64_t T, int64_t n_rows) {
         }
         p.block_pos.push_back(real ? int32_t(j * ratio) : 0);
         p.write_rows.push_back(real ? j : p.dummy_row);
+        p.n_real += real;
     }
 
     // the last ring_rows tokens of the batch stay in the ring, at row pos mod S
@@ -185,11 +186,14 @@ StepPlan make_plan(const dsv4_hparams & hp, int64_t pos0, const int32_t * tokens
     return p;
 }
 
-GraphKey graph_key(const StepPlan & p) {
+GraphKey graph_key(const StepPlan & p, OutMode out) {
     GraphKey k;
     k.n_tokens = p.n_tokens;
     k.n_view4 = p.has4 ? p.r4.n_view : 0;
     k.n_view128 = p.has128 ? p.r128.n_view : 0;
+    k.real4 = p.has4 && p.r4.n_real > 0;
+    k.real128 = p.has128 && p.r128.n_real > 0;
+    k.out = out;
     return k;
 }
 
@@ -282,6 +286,11 @@ ggml_tensor * Step::store(uint32_t il, Stream st, ggml_tensor * entries) {
     RatioInputs & in = inputs(st);
     const RatioPlan & p = ratio_plan(st);
     ggml_tensor * cache = state(il, st).cache;
+    if (p.n_real == 0) {
+        // no block completes in this batch (most decode steps): nothing is written, so the
+        // pooling of the dummy block is dead code that ggml never computes
+        return ggml_view_2d(ctx, cache, cache->ne[0], p.n_view, cache->nb[1], 0);
+    }
     ggml_tensor * rows = ggml_reshape_2d(ctx, entries, entries->ne[0], entries->ne[2]);
     ggml_tensor * written = ggml_set_rows(ctx, cache, rows, in.write_rows);
     effects_.push_back(written);
@@ -302,17 +311,36 @@ ggml_tensor * Step::indexer_mask() {
 }
 
 KeySet Step::with_selected(uint32_t, const KeySet & keys, ggml_tensor * cache, ggml_tensor * scores) {
+    RatioInputs & in = inputs(Stream::CSA);
     const int64_t n_view = scores->ne[0];
     const int64_t k = std::min<int64_t>(hp.indexer_top_k, n_view);
-    ggml_tensor * top = ggml_top_k(ctx, scores, int(k));  // ne{k, T}, any order (§3.6)
     KeySet out = keys;
-    ggml_tensor * picked = ggml_get_rows(ctx, cache, ggml_reshape_1d(ctx, top, k * n_tokens));
-    out.own = ggml_reshape_3d(ctx, picked, cache->ne[0], k, n_tokens);
-    // picks of blocks the query may not see (fewer than k visible) have score -inf: mask them.
-    // step(s + 1e30) is 1 for any finite score and 0 for -inf; map 1 -> 0, 0 -> -1e30.
-    ggml_tensor * score = ggml_get_rows(ctx, ggml_reshape_3d(ctx, scores, 1, n_view, n_tokens), top);
-    ggml_tensor * valid = ggml_step(ctx, ggml_scale_bias(ctx, score, 1.0f, 1e30f));
-    out.own_mask = ggml_reshape_2d(ctx, ggml_scale_bias(ctx, valid, 1e30f, -1e30f), k, n_tokens);
+    if (k >= n_view) {
+        // every visible block is selected (§3.6): plain causal attention over the cache view;
+        // the indexer scores are then unused, and ggml never computes them
+        out.shared = ggml_concat(ctx, keys.shared, as_f32(cache, in.view_rows), 1);
+        out.shared_mask = ggml_concat(ctx, keys.shared_mask, in.visible_f32, 0);
+        return out;
+    }
+    ggml_tensor * top = ggml_top_k(ctx, scores, int(k));  // ne{k, T}, any order
+    ggml_tensor * picked_score = ggml_get_rows(ctx, ggml_reshape_3d(ctx, scores, 1, n_view, n_tokens), top);
+    if (n_tokens == 1) {
+        // decode: gather the k picked entries
+        ggml_tensor * picked = ggml_get_rows(ctx, cache, ggml_reshape_1d(ctx, top, k));
+        out.own = ggml_reshape_3d(ctx, picked, cache->ne[0], k, 1);
+        // picks of blocks the query cannot see (fewer than k visible) have score -inf: mask them.
+        // step(s + 1e30) is 1 for any finite score and 0 for -inf; map 1 -> 0, 0 -> -1e30.
+        ggml_tensor * valid = ggml_step(ctx, ggml_scale_bias(ctx, picked_score, 1.0f, 1e30f));
+        out.own_mask = ggml_reshape_2d(ctx, ggml_scale_bias(ctx, valid, 1e30f, -1e30f), k, 1);
+        return out;
+    }
+    // a batch: every query attends to the whole cache view through a mask that is 0 only at its
+    // own picks (and the causal visibility mask, which also removes picks of hidden blocks)
+    ggml_tensor * none = ggml_fill(ctx, ggml_reshape_3d(ctx, scores, 1, n_view, n_tokens), -INFINITY);
+    ggml_tensor * zeros = ggml_fill(ctx, picked_score, 0.0f);
+    ggml_tensor * picks = ggml_reshape_2d(ctx, ggml_set_rows(ctx, none, zeros, top), n_view, n_tokens);
+    out.shared = ggml_concat(ctx, keys.shared, as_f32(cache, in.view_rows), 1);
+    out.shared_mask = ggml_concat(ctx, keys.shared_mask, ggml_add(ctx, in.visible_f32, picks), 0);
     return out;
 }
 
@@ -357,8 +385,9 @@ ggml_tensor * attend(Step & s, ggml_tensor * q, const KeySet & keys, ggml_tensor
     const float scale = 1.0f / std::sqrt(float(Dh));
     const int64_t N = keys.shared->ne[1];
 
-    // scores ne{keys, T, H}: the mask broadcasts over heads, the sink is per head (ne2)
-    ggml_tensor * qt = ggml_permute(ctx, q, 0, 2, 1, 3);
+    // scores ne{keys, T, H}: the mask broadcasts over heads, the sink is per head (ne2);
+    // a contiguous q lets batched matmuls take the sgemm path
+    ggml_tensor * qt = T > 1 ? ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)) : ggml_permute(ctx, q, 0, 2, 1, 3);
     ggml_tensor * scores = ggml_mul_mat(ctx, keys.shared, qt);
     ggml_tensor * mask = keys.shared_mask;
     int64_t k = 0;

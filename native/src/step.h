@@ -74,6 +74,7 @@ struct RatioPlan {
     int ring_rows = 0;                    // 2r with overlap, else r
     bool overlap = false;
     int64_t n_blocks = 0;                 // ceil(T / r): completed blocks plus dummies
+    int64_t n_real = 0;                   // blocks this batch completes
     int64_t n_view = 0;                   // cache rows the batch may see
     int64_t dummy_row = 0;                // cache row that dummy blocks write
     std::vector<int32_t> ape_rows;        // [T] pos mod r
@@ -103,14 +104,20 @@ struct StepPlan {
 StepPlan make_plan(const dsv4_hparams & hp, int64_t pos0, const int32_t * tokens, int64_t n_tokens,
                    int64_t n_rows4, int64_t n_rows128, bool has4, bool has128);
 
-// The key that decides whether a built graph can be reused for another step.
+enum class OutMode { NONE, LAST, ALL };  // which logits a micro-batch graph computes
+
+// What decides the shape of a step's graph: a built graph serves every step with the same key.
+// Decode steps cycle through a few keys (a block completes every 4th / 128th token).
 struct GraphKey {
     int64_t n_tokens = -1, n_view4 = -1, n_view128 = -1;
+    bool real4 = false, real128 = false;  // the batch completes a ratio-4 / ratio-128 block
+    OutMode out = OutMode::ALL;
     bool operator==(const GraphKey & o) const {
-        return n_tokens == o.n_tokens && n_view4 == o.n_view4 && n_view128 == o.n_view128;
+        return n_tokens == o.n_tokens && n_view4 == o.n_view4 && n_view128 == o.n_view128 && real4 == o.real4 &&
+               real128 == o.real128 && out == o.out;
     }
 };
-GraphKey graph_key(const StepPlan & p);
+GraphKey graph_key(const StepPlan & p, OutMode out);
 
 class Step {
   public:

@@ -1,0 +1,186 @@
+"""`dsv4-ggml bench`: prompt processing and token generation throughput, llama-bench style.
+
+pp<N>: one prefill of N tokens from an empty session. tg<N>: N single-token decode steps after a
+prefill of `depth` tokens (not timed). Each test runs once to warm up, then `repetitions` times;
+results are mean ± standard deviation of tokens/s. Also reported: the persistent cache bytes
+per context token (measured from the allocator vs the theoretical value of spec §4.1), the
+weight bytes a decode step reads, and (given a memory bandwidth) the bandwidth floor.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .model import CACHE_TYPES, Model
+
+ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
+
+@dataclass
+class BenchResult:
+    test: str
+    depth: int
+    n_tokens: int
+    tokens_per_s: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.tokens_per_s)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.tokens_per_s) if len(self.tokens_per_s) > 1 else 0.0
+
+
+def theoretical_cache_bytes_per_token(hp: dict, cache_type: str) -> float:
+    """Bytes of compressed cache each context token adds (§4.1): per CSA layer (Dh + Di)/4
+    elements, per HCA layer Dh/128; the fixed windows and compressor rings do not grow."""
+    per_token = 0.0
+    for r in hp["compress_ratios"][:hp["n_layer"]]:
+        if r == 4:
+            per_token += (hp["head_dim"] + hp["indexer_head_dim"]) / 4
+        elif r == 128:
+            per_token += hp["head_dim"] / 128
+    return per_token * ELEMENT_BYTES[cache_type]
+
+
+def decode_bytes_per_token(model: Model) -> dict[str, float]:
+    """Weight bytes one decode step reads: every attention/HC/compressor/indexer/router/shared
+    expert tensor of the trunk, the routed experts actually used (K of E per layer), one row of
+    the embedding, and the whole LM head."""
+    hp = model.hparams
+    k, e = hp["n_expert_used"], hp["n_expert"]
+    parts = {"attention+hc": 0.0, "shared expert": 0.0, "routed experts": 0.0, "lm head": 0.0, "embedding": 0.0}
+    for t in model.tensors:
+        name = t.name
+        if name.startswith("blk."):
+            il = int(name.split(".")[1])
+            if il >= hp["n_layer"] or "nextn" in name or "tid2eid" in name:
+                continue
+            if "_exps." in name:
+                parts["routed experts"] += t.nbytes * k / e
+            elif "_shexp." in name:
+                parts["shared expert"] += t.nbytes
+            else:
+                parts["attention+hc"] += t.nbytes
+        elif name == "output.weight":
+            parts["lm head"] += t.nbytes
+        elif name == "token_embd.weight":
+            parts["embedding"] += t.nbytes / hp["n_vocab"]
+        else:
+            parts["attention+hc"] += t.nbytes
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None,
+              depths: list[int] = (0,), repetitions: int = 3, cache_type: str = "f16",
+              n_ubatch: int = 512, bandwidth_gbs: float | None = None, log=sys.stderr) -> dict:
+    max_depth = max(depths) if depths else 0
+    n_ctx = max(n_prompt, max_depth + n_gen) + 8
+    m = Model(path, n_ctx=n_ctx, n_threads=threads, cache_type=cache_type, n_ubatch=n_ubatch, prefetch=True)
+    rng = np.random.default_rng(0)
+    vocab = m.n_vocab
+    results: list[BenchResult] = []
+
+    if n_prompt > 0:
+        res = BenchResult(f"pp{n_prompt}", 0, n_prompt)
+        toks = rng.integers(2, vocab, n_prompt)
+        for rep in range(repetitions + 1):
+            m.reset()
+            dt = _timed(lambda: m.eval(toks, logits="last"))
+            if rep:
+                res.tokens_per_s.append(n_prompt / dt)
+        results.append(res)
+        print(f"  pp{n_prompt}: {res.mean:.2f} ± {res.std:.2f} t/s", file=log)
+
+    compute_bytes = {}
+    if n_gen > 0:
+        for depth in depths:
+            res = BenchResult(f"tg{n_gen}", depth, n_gen)
+            ctx_toks = rng.integers(2, vocab, depth)
+            gen = rng.integers(2, vocab, n_gen)
+            for rep in range(repetitions + 1):
+                m.reset()
+                if depth:
+                    m.eval(ctx_toks, logits="last")
+
+                def decode():
+                    for t in gen:
+                        m.eval([int(t)], logits="last")
+                dt = _timed(decode)
+                if rep:
+                    res.tokens_per_s.append(n_gen / dt)
+            compute_bytes[depth] = m.stats()["compute_bytes"]
+            results.append(res)
+            label = f"tg{n_gen} @ d{depth}"
+            print(f"  {label}: {res.mean:.2f} ± {res.std:.2f} t/s", file=log)
+
+    hp = m.hparams
+    lo, hi = 4096, 4096 + 4096
+    measured = (m.estimate_state_bytes(hi) - m.estimate_state_bytes(lo)) / (hi - lo)
+    theory = theoretical_cache_bytes_per_token(hp, cache_type)
+    stats = m.stats()
+    out = {
+        "model": path,
+        "threads": m.n_threads,
+        "cache_type": cache_type,
+        "n_layer": hp["n_layer"],
+        "graph_nodes": stats["n_graph_nodes"],
+        "graph_nodes_per_layer": stats["n_graph_nodes"] / max(1, hp["n_layer"]),
+        "cache_bytes_per_token": {"measured": measured, "theoretical": theory},
+        "compute_bytes_by_depth": compute_bytes,
+        "decode_weight_bytes": decode_bytes_per_token(m),
+        "results": [dict(asdict(r), mean=r.mean, std=r.std) for r in results],
+    }
+    if bandwidth_gbs:
+        floor = bandwidth_gbs * 1e9 / out["decode_weight_bytes"]["total"]
+        out["bandwidth_gbs"] = bandwidth_gbs
+        out["bandwidth_floor_tokens_per_s"] = floor
+        tg0 = next((r for r in results if r.test.startswith("tg") and r.depth == min(depths)), None)
+        if tg0 is not None:
+            out["bandwidth_fraction"] = tg0.mean / floor
+    return out
+
+
+def print_report(out: dict, stream=sys.stdout) -> None:
+    print(f"model: {out['model']}  threads: {out['threads']}  cache: {out['cache_type']}", file=stream)
+    print(f"| test | depth | t/s |", file=stream)
+    print(f"|---|---|---|", file=stream)
+    for r in out["results"]:
+        print(f"| {r['test']} | {r['depth']} | {r['mean']:.2f} ± {r['std']:.2f} |", file=stream)
+    c = out["cache_bytes_per_token"]
+    print(f"cache bytes per context token: measured {c['measured']:.1f}, theoretical {c['theoretical']:.1f}",
+          file=stream)
+    w = out["decode_weight_bytes"]
+    print(f"weights read per decode token: {w['total'] / 2**20:.2f} MiB (" + ", ".join(
+        f"{k} {v / 2**20:.2f}" for k, v in w.items() if k != "total") + ")", file=stream)
+    if "bandwidth_floor_tokens_per_s" in out:
+        print(f"memory bandwidth {out['bandwidth_gbs']:.1f} GB/s -> floor {out['bandwidth_floor_tokens_per_s']:.1f} "
+              f"t/s; tg reaches {out.get('bandwidth_fraction', 0):.0%} of it", file=stream)
+    print(f"graph: {out['graph_nodes']} nodes, {out['graph_nodes_per_layer']:.0f} per layer; compute buffer "
+          + ", ".join(f"d{d}: {b / 2**20:.1f} MiB" for d, b in out["compute_bytes_by_depth"].items()), file=stream)
+
+
+def main_args(args) -> int:
+    depths = [int(x) for x in str(args.depth).split(",") if x != ""]
+    if args.cache_type not in CACHE_TYPES:
+        raise SystemExit(f"unknown cache type {args.cache_type}")
+    out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
+                    args.cache_type, args.ubatch, args.bandwidth)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print_report(out)
+    return 0
