@@ -404,6 +404,30 @@ class Builder:
                           "ggml_view_2d(ctx, {0}, " + cnt + ", {0}->ne[1], {0}->nb[1], " + offset + ")", x)
 
     # --- hyper-connections (fused ggml ops, §3.2) ---------------------------------------------------
+    def hc_gates(self, mixes: Value, scale: Value, base: Value) -> tuple[Value, Value]:
+        """The stream weights of §3.2 steps 4–5 from the first 2·HC mixes, computed together:
+        pre[h] = sigmoid(m[h]·scale[0] + base[h]) + hc_eps, post[h] = 2·sigmoid(m[HC+h]·scale[1]
+        + base[HC+h]). The mixes are viewed ne{HC, 2, T} so scale[0:2] broadcasts per half."""
+        hc = self.model.sym("hc_mult")
+        self._check(same(mixes.dim(0), self.model.sym("hc_mix")),
+                    f"hc_gates: {mixes!r} are not the HC mixes")
+        halves = self._emit("gate_logits", (hc, 2, mixes.dim(1)),
+                            "ggml_add(ctx, ggml_mul(ctx, ggml_view_3d(ctx, {0}, hc_mult, 2, {0}->ne[1], "
+                            "hc_mult * ggml_element_size({0}), {0}->nb[1], 0), ggml_view_3d(ctx, {1}, 1, 2, 1, "
+                            "ggml_element_size({1}), 2 * ggml_element_size({1}), 0)), ggml_view_3d(ctx, {2}, hc_mult, 2, 1, "
+                            "hc_mult * ggml_element_size({2}), 2 * hc_mult * ggml_element_size({2}), 0))",
+                            mixes, scale, base, comment="ne{HC, 2 (pre, post), T}: m·scale[half] + base")
+        self.dims_used.add("hc_mult")
+        gates = self._emit("gates", halves.shape, "ggml_sigmoid(ctx, {})", halves)
+        # (ggml scales whole contiguous tensors: scale both halves, keep the half each needs)
+        pre = self._emit("pre", (hc, mixes.dim(1)),
+                         "ggml_view_2d(ctx, ggml_scale_bias(ctx, {0}, 1.0f, hp.hc_eps), hc_mult, {0}->ne[2], "
+                         "{0}->nb[2], 0)", gates, comment="sigmoid + eps (§7 #8)")
+        post = self._emit("post", (hc, mixes.dim(1)),
+                          "ggml_view_2d(ctx, ggml_scale(ctx, {0}, 2.0f), hc_mult, {0}->ne[2], {0}->nb[2], "
+                          "{0}->nb[1])", gates, comment="2·sigmoid, no eps")
+        return pre, post
+
     def hc_comb(self, mixes: Value, scale: Value, base: Value, name: str | None = None) -> Value:
         """Sinkhorn-normalised stream mixing ne{dst, src, T} (ggml_dsv4_hc_comb)."""
         hc = self.model.sym("hc_mult")
@@ -561,11 +585,13 @@ class Builder:
         self._tensor(x, "sum_rows input")
         return self._emit(name or x.name + "_total", (1, *x.shape[1:]), "ggml_sum_rows(ctx, {})", x)
 
-    def sum_experts(self, x: Value, name: str | None = None) -> Value:
-        """Σ over ne1 of ne{D, K, T} -> ne{D, T} (the weighted expert outputs)."""
-        self._tensor(x, "sum_experts input")
-        self._check(len(x.shape) == 3, f"sum_experts: {x!r} must be ne{{D, experts, T}}")
-        return self._emit(name or x.name + "_sum", (x.dim(0), x.dim(2)), "sum_over_dim1(ctx, {})", x)
+    def mix_experts(self, outs: Value, weights: Value, name: str | None = None) -> Value:
+        """Σ_k weights[k, t]·outs[:, k, t]: ne{D, K, T}, ne{K, T} -> ne{D, T}."""
+        self._tensor(outs, "mix_experts outputs")
+        self._check(len(outs.shape) == 3 and len(weights.shape) == 2 and same(outs.dim(1), weights.dim(0))
+                    and same(outs.dim(2), weights.dim(1)),
+                    f"mix_experts: {outs!r} and weights {weights!r} do not match")
+        return self._emit(name or "mixed", (outs.dim(0), outs.dim(2)), "mix_experts(ctx, {}, {})", outs, weights)
 
     def repeat_streams(self, e: Value, n: Any, name: str | None = None) -> Value:
         """ne{D, T} -> ne{D, n, T}: the same vector in every stream (§3.1)."""

@@ -274,10 +274,7 @@ def hc_pre(b, _, X, fn, scale, base):
     """Mixes the streams into one sub-layer input `y` and returns the coefficients `post` and
     `comb` that hc_post uses to write the sub-layer output back into the streams."""
     mixes = b.linear(fn, b.rms_norm(b.flatten(X)))   # one RMS over all HC·D values (§7 #10)
-    pre_logits = b.add(b.mul(b.rows(mixes, 0, HC), b.rows(scale, 0, 1)), b.rows(base, 0, HC))
-    pre = b.scale(b.sigmoid(pre_logits), 1.0, hc_eps)   # sigmoid + eps (§7 #8)
-    post_logits = b.add(b.mul(b.rows(mixes, HC, HC), b.rows(scale, 1, 1)), b.rows(base, HC, HC))
-    post = b.scale(b.sigmoid(post_logits), 2.0)         # 2·sigmoid, no eps
+    pre, post = b.hc_gates(mixes, scale, base)          # sigmoid + eps / 2·sigmoid (§7 #8)
     comb = b.hc_comb(mixes, scale, base)                # softmax + Sinkhorn (§7 #7, #9)
     y = b.hc_sum(X, pre)                                # weighted sum of the un-normalised streams
     return {"y": y, "post": post, "comb": comb}
@@ -366,7 +363,7 @@ def moe(b, L, x):
     up = b.mul_mat_id(L.ffn_up_exps, xe, experts)
     act = b.swiglu_clamp(gate, up, swiglu_clamp_exp)
     down = b.mul_mat_id(L.ffn_down_exps, act, experts)
-    routed = b.sum_experts(b.mul(down, b.reshape(weights, (1, n_expert_used, T))))
+    routed = b.mix_experts(down, weights)
     shared_act = b.swiglu_clamp(b.linear(L.ffn_gate_shexp, x), b.linear(L.ffn_up_shexp, x),
                                 swiglu_clamp_shexp)
     shared = b.linear(L.ffn_down_shexp, shared_act)

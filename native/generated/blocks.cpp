@@ -33,20 +33,13 @@ HcSplit hc_pre(Step & s, ggml_tensor * X, ggml_tensor * fn, ggml_tensor * scale,
     ggml_tensor * X_flat = ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], X->ne[2]);
     ggml_tensor * X_flat_norm = ggml_rms_norm(ctx, X_flat, hp.norm_eps);
     ggml_tensor * mixes = ggml_mul_mat(ctx, fn, X_flat_norm);
-    ggml_tensor * mixes_rows = ggml_view_2d(ctx, mixes, hc_mult, mixes->ne[1], mixes->nb[1], 0);
-    ggml_tensor * scale_rows = ggml_view_1d(ctx, scale, 1, 0);
-    ggml_tensor * mixes_rows_prod = ggml_mul(ctx, mixes_rows, scale_rows);
-    ggml_tensor * base_rows = ggml_view_1d(ctx, base, hc_mult, 0);
-    ggml_tensor * pre_logits = ggml_add(ctx, mixes_rows_prod, base_rows);
-    ggml_tensor * pre_logits_sigmoid = ggml_sigmoid(ctx, pre_logits);
-    ggml_tensor * pre = ggml_scale_bias(ctx, pre_logits_sigmoid, 1.0f, float(hp.hc_eps));
-    ggml_tensor * mixes_rows_2 = ggml_view_2d(ctx, mixes, hc_mult, mixes->ne[1], mixes->nb[1], hc_mult * ggml_element_size(mixes));
-    ggml_tensor * scale_rows_2 = ggml_view_1d(ctx, scale, 1, 1 * ggml_element_size(scale));
-    ggml_tensor * mixes_rows_2_prod = ggml_mul(ctx, mixes_rows_2, scale_rows_2);
-    ggml_tensor * base_rows_2 = ggml_view_1d(ctx, base, hc_mult, hc_mult * ggml_element_size(base));
-    ggml_tensor * post_logits = ggml_add(ctx, mixes_rows_2_prod, base_rows_2);
-    ggml_tensor * post_logits_sigmoid = ggml_sigmoid(ctx, post_logits);
-    ggml_tensor * post = ggml_scale(ctx, post_logits_sigmoid, 2.0f);
+    // ne{HC, 2 (pre, post), T}: m·scale[half] + base
+    ggml_tensor * gate_logits = ggml_add(ctx, ggml_mul(ctx, ggml_view_3d(ctx, mixes, hc_mult, 2, mixes->ne[1], hc_mult * ggml_element_size(mixes), mixes->nb[1], 0), ggml_view_3d(ctx, scale, 1, 2, 1, ggml_element_size(scale), 2 * ggml_element_size(scale), 0)), ggml_view_3d(ctx, base, hc_mult, 2, 1, hc_mult * ggml_element_size(base), 2 * hc_mult * ggml_element_size(base), 0));
+    ggml_tensor * gates = ggml_sigmoid(ctx, gate_logits);
+    // sigmoid + eps (§7 #8)
+    ggml_tensor * pre = ggml_view_2d(ctx, ggml_scale_bias(ctx, gates, 1.0f, hp.hc_eps), hc_mult, gates->ne[2], gates->nb[2], 0);
+    // 2·sigmoid, no eps
+    ggml_tensor * post = ggml_view_2d(ctx, ggml_scale(ctx, gates, 2.0f), hc_mult, gates->ne[2], gates->nb[2], gates->nb[1]);
     ggml_tensor * comb = ggml_dsv4_hc_comb(ctx, mixes, scale, base, hp.hc_eps, int32_t(hp.hc_sinkhorn_iters));
     ggml_tensor * y = ggml_dsv4_hc_pre(ctx, X, pre);
     return {y, post, comb};
@@ -312,9 +305,7 @@ ggml_tensor * moe_hash(Step & s, const LayerWeights & L, uint32_t il, ggml_tenso
     ggml_tensor * up = ggml_mul_mat_id(ctx, L.ffn_up_exps, xe, experts);
     ggml_tensor * act = ggml_swiglu_clamp(ctx, gate, up, float(hp.swiglu_clamp_exp[il]));
     ggml_tensor * down = ggml_mul_mat_id(ctx, L.ffn_down_exps, act, experts);
-    ggml_tensor * weights_r_quot_scaled_r = ggml_reshape_3d(ctx, weights_r_quot_scaled, 1, n_expert_used, T);
-    ggml_tensor * down_prod = ggml_mul(ctx, down, weights_r_quot_scaled_r);
-    ggml_tensor * routed = sum_over_dim1(ctx, down_prod);
+    ggml_tensor * routed = mix_experts(ctx, down, weights_r_quot_scaled);
     ggml_tensor * ffn_gate_shexp = ggml_mul_mat(ctx, L.ffn_gate_shexp, x);
     ggml_tensor * ffn_up_shexp = ggml_mul_mat(ctx, L.ffn_up_shexp, x);
     ggml_tensor * shared_act = ggml_swiglu_clamp(ctx, ffn_gate_shexp, ffn_up_shexp, float(hp.swiglu_clamp_shexp[il]));
@@ -350,9 +341,7 @@ ggml_tensor * moe_routed(Step & s, const LayerWeights & L, uint32_t il, ggml_ten
     ggml_tensor * up = ggml_mul_mat_id(ctx, L.ffn_up_exps, xe, experts);
     ggml_tensor * act = ggml_swiglu_clamp(ctx, gate, up, float(hp.swiglu_clamp_exp[il]));
     ggml_tensor * down = ggml_mul_mat_id(ctx, L.ffn_down_exps, act, experts);
-    ggml_tensor * weights_r_quot_scaled_r = ggml_reshape_3d(ctx, weights_r_quot_scaled, 1, n_expert_used, T);
-    ggml_tensor * down_prod = ggml_mul(ctx, down, weights_r_quot_scaled_r);
-    ggml_tensor * routed = sum_over_dim1(ctx, down_prod);
+    ggml_tensor * routed = mix_experts(ctx, down, weights_r_quot_scaled);
     ggml_tensor * ffn_gate_shexp = ggml_mul_mat(ctx, L.ffn_gate_shexp, x);
     ggml_tensor * ffn_up_shexp = ggml_mul_mat(ctx, L.ffn_up_shexp, x);
     ggml_tensor * shared_act = ggml_swiglu_clamp(ctx, ffn_gate_shexp, ffn_up_shexp, float(hp.swiglu_clamp_shexp[il]));

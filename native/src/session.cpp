@@ -6,6 +6,7 @@
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
@@ -28,6 +29,14 @@ CachedGraph::~CachedGraph() {
 }
 
 constexpr size_t kMaxCachedGraphs = 4;
+
+struct OpProfile {
+    std::map<std::string, double> seconds;
+    std::map<std::string, int64_t> count;
+    std::chrono::steady_clock::time_point t0;
+    std::string pending;
+};
+
 
 namespace {
 
@@ -83,6 +92,23 @@ size_t max_graph_nodes(const dsv4_hparams & hp) {
     return 4096 + size_t(hp.n_layer_all) * 1024;
 }
 
+// DSV4_PROFILE=1: time every node (through the scheduler's eval callback, which computes the
+// graph node by node: slower, but the split between ops is what matters) and print the totals
+// per op when the session ends.
+
+bool profile_callback(ggml_tensor * t, bool ask, void * user_data) {
+    auto * p = static_cast<OpProfile *>(user_data);
+    const auto now = std::chrono::steady_clock::now();
+    if (ask) {
+        p->t0 = now;
+        p->pending = std::string(ggml_op_desc(t));
+        return true;
+    }
+    p->seconds[p->pending] += std::chrono::duration<double>(now - p->t0).count();
+    p->count[p->pending] += 1;
+    return true;
+}
+
 // Builds and allocates the graph of s.plan: embedding, the trunk layers, the output head, then
 // the cache writes and the deferred ring overwrites (after every read of the old rings).
 std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key) {
@@ -130,6 +156,9 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     g->sched = ggml_backend_sched_new(backends, nullptr, 1, max_nodes, false, false);
     if (g->sched == nullptr) {
         fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
+    }
+    if (s.profile != nullptr) {
+        ggml_backend_sched_set_eval_callback(g->sched, profile_callback, s.profile.get());
     }
     if (!ggml_backend_sched_alloc_graph(g->sched, g->graph)) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
@@ -186,14 +215,15 @@ void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out
 // layer a window ring; ratio 4: compressor rings of 8 rows (values and logits, 2·Dh wide) and
 // n_ctx/4 + 1 cache rows, plus the same for the indexer (Di wide); ratio 128: rings of 128 rows
 // and n_ctx/128 + 1 cache rows. The extra cache row takes the writes of dummy blocks.
-// The compressor rings stay F32 (the reference keeps them in FP32, §4.1); the window and the
-// compressed caches take the session's cache type.
+// The compressor rings stay F32 (the reference keeps them in FP32, §4.1), and so does the raw
+// window, whose size does not grow with the context; the compressed caches, which do, take the
+// session's cache type.
 void for_each_state_tensor(const dsv4_hparams & hp, int64_t n_ctx, ggml_type cache_type,
                            const std::function<void(uint32_t il, const char * name, ggml_type type, int64_t ne0,
                                                     int64_t ne1)> & fn) {
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const int ratio = hp.compress_ratios[il];
-        fn(il, "window", cache_type, hp.head_dim, hp.n_swa);
+        fn(il, "window", GGML_TYPE_F32, hp.head_dim, hp.n_swa);  // fixed size: always F32
         if (ratio != 0) {
             const int64_t c = ratio == 4 ? 2 : 1;
             const int64_t rows = ratio == 4 ? 8 : 128;
@@ -285,6 +315,9 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the session state for n_ctx %d", int(params.n_ctx));
     }
     clear_state(*s);
+    if (std::getenv("DSV4_PROFILE") != nullptr) {
+        s->profile = std::make_shared<OpProfile>();
+    }
 
     return s;
 }
@@ -343,6 +376,22 @@ dsv4_session_stats session_stats(const dsv4_session & s) {
 dsv4_session::~dsv4_session() {
     current = nullptr;
     graphs.clear();
+    if (profile != nullptr) {
+        double total = 0;
+        for (const auto & kv : profile->seconds) {
+            total += kv.second;
+        }
+        std::vector<std::pair<double, std::string>> rows;
+        for (const auto & kv : profile->seconds) {
+            rows.push_back({kv.second, kv.first});
+        }
+        std::sort(rows.rbegin(), rows.rend());
+        std::fprintf(stderr, "dsv4 profile: %.3f s in nodes over %lld micro-batches\n", total, (long long) n_ubatches);
+        for (const auto & r : rows) {
+            std::fprintf(stderr, "  %-16s %8.3f s %5.1f%% %8lld nodes\n", r.second.c_str(), r.first,
+                         100.0 * r.first / std::max(total, 1e-12), (long long) profile->count[r.second]);
+        }
+    }
     if (buf_state != nullptr) {
         ggml_backend_buffer_free(buf_state);
     }

@@ -15,6 +15,8 @@
 namespace dsv4 {
 
 // A built and allocated graph, kept for the steps whose plan has the same key.
+struct OpProfile;
+
 struct CachedGraph {
     GraphKey key;
     std::vector<uint8_t> mem;
@@ -51,6 +53,7 @@ struct dsv4_session {
     uint64_t use_clock = 0;
     int64_t n_graph_builds = 0;
     int64_t n_ubatches = 0;
+    std::shared_ptr<dsv4::OpProfile> profile;  // DSV4_PROFILE=1
 
     ~dsv4_session();
 };

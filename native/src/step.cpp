@@ -47,13 +47,20 @@ ggml_tensor * rope_tail_inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor
     return ggml_rope_set_offset(r, int(x->ne[0]) - rp.n_dims);
 }
 
-ggml_tensor * sum_over_dim1(ggml_context * ctx, ggml_tensor * x) {
+ggml_tensor * mix_experts(ggml_context * ctx, ggml_tensor * outs, ggml_tensor * weights) {
+    const int64_t D = outs->ne[0], K = outs->ne[1], T = outs->ne[2];
+    if (T == 1) {
+        // one token: a matrix-vector product (outs^T · weights), two nodes instead of K + 1
+        ggml_tensor * ot = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, outs, D, K)));  // ne{K, D}
+        return ggml_reshape_2d(ctx, ggml_mul_mat(ctx, ot, weights), D, 1);
+    }
+    ggml_tensor * scaled = ggml_mul(ctx, outs, ggml_reshape_3d(ctx, weights, 1, K, T));
     ggml_tensor * acc = nullptr;
-    for (int64_t k = 0; k < x->ne[1]; ++k) {
-        ggml_tensor * slice = ggml_view_2d(ctx, x, x->ne[0], x->ne[2], x->nb[2], size_t(k) * x->nb[1]);
+    for (int64_t k = 0; k < K; ++k) {
+        ggml_tensor * slice = ggml_view_2d(ctx, scaled, D, T, scaled->nb[2], size_t(k) * scaled->nb[1]);
         acc = acc ? ggml_add(ctx, acc, slice) : slice;
     }
-    return x->ne[1] == 1 ? ggml_cont(ctx, acc) : acc;
+    return K == 1 ? ggml_cont(ctx, acc) : acc;
 }
 
 // --- plan --------------------------------------------------------------------------------------------
@@ -236,6 +243,11 @@ Step::RatioInputs & Step::inputs(Stream st) {
     return in;
 }
 
+ggml_tensor * Step::kept_rows(ggml_tensor * batch, ggml_tensor * src, int64_t ring_rows) {
+    // a batch no longer than the ring keeps every row, in order: no gather needed
+    return n_tokens <= ring_rows ? batch : ggml_get_rows(ctx, batch, src);
+}
+
 ggml_tensor * Step::as_f32(ggml_tensor * t, ggml_tensor * rows) {
     return t->type == GGML_TYPE_F32 ? t : ggml_get_rows(ctx, t, rows);
 }
@@ -256,7 +268,7 @@ KeySet Step::window(uint32_t il, ggml_tensor * kv) {
     KeySet keys;
     keys.shared = ggml_concat(ctx, as_f32(ring, window_rows_), kv2, 1);
     keys.shared_mask = window_mask_;
-    deferred_.push_back(ggml_set_rows(ctx, ring, ggml_get_rows(ctx, kv2, window_src_), window_dst_));
+    deferred_.push_back(ggml_set_rows(ctx, ring, kept_rows(kv2, window_src_, hp.n_swa), window_dst_));
     return keys;
 }
 
@@ -276,8 +288,8 @@ CompressorRows Step::compressor_rows(uint32_t il, Stream st, ggml_tensor * a, gg
     // rows: the ring of earlier tokens, then this batch
     ggml_tensor * values = ggml_get_rows(ctx, ggml_concat(ctx, cs.kv, a, 1), in.member_rows);
     ggml_tensor * logits = ggml_get_rows(ctx, ggml_concat(ctx, cs.score, z, 1), in.member_rows);
-    deferred_.push_back(ggml_set_rows(ctx, cs.kv, ggml_get_rows(ctx, a, in.persist_src), in.persist_dst));
-    deferred_.push_back(ggml_set_rows(ctx, cs.score, ggml_get_rows(ctx, z, in.persist_src), in.persist_dst));
+    deferred_.push_back(ggml_set_rows(ctx, cs.kv, kept_rows(a, in.persist_src, p.ring_rows), in.persist_dst));
+    deferred_.push_back(ggml_set_rows(ctx, cs.score, kept_rows(z, in.persist_src, p.ring_rows), in.persist_dst));
     return {ggml_reshape_3d(ctx, values, a->ne[0], members, p.n_blocks),
             ggml_reshape_3d(ctx, logits, z->ne[0], members, p.n_blocks)};
 }
@@ -379,11 +391,35 @@ void Step::set_inputs() const {
 
 // --- attention -----------------------------------------------------------------------------------------
 
+namespace {
+
+// One query token: ggml's flash attention reads the keys (= values) row by row, so nothing is
+// transposed or copied. F32 keys keep its accumulation in F32.
+ggml_tensor * attend_one(ggml_context * ctx, ggml_tensor * q, const KeySet & keys, ggml_tensor * sinks, float scale) {
+    ggml_tensor * k = keys.shared;
+    ggml_tensor * mask = keys.shared_mask;
+    if (keys.own != nullptr) {
+        k = ggml_concat(ctx, k, ggml_reshape_2d(ctx, keys.own, keys.own->ne[0], keys.own->ne[1]), 1);
+        mask = ggml_concat(ctx, mask, keys.own_mask, 0);
+    }
+    ggml_tensor * k4 = ggml_reshape_4d(ctx, k, k->ne[0], k->ne[1], 1, 1);
+    ggml_tensor * q4 = ggml_permute(ctx, q, 0, 2, 1, 3);  // ne{Dh, T = 1, H}
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, q4, k4, k4, ggml_cast(ctx, mask, GGML_TYPE_F16), scale, 0.0f, 0.0f);
+    ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
+    ggml_flash_attn_ext_add_sinks(out, sinks);
+    return out;  // ne{Dh, H, T}
+}
+
+}  // namespace
+
 ggml_tensor * attend(Step & s, ggml_tensor * q, const KeySet & keys, ggml_tensor * sinks) {
     ggml_context * ctx = s.ctx;
     const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2];
     const float scale = 1.0f / std::sqrt(float(Dh));
     const int64_t N = keys.shared->ne[1];
+    if (T == 1 && keys.shared->type == GGML_TYPE_F32) {
+        return attend_one(ctx, q, keys, sinks, scale);
+    }
 
     // scores ne{keys, T, H}: the mask broadcasts over heads, the sink is per head (ne2);
     // a contiguous q lets batched matmuls take the sgemm path

@@ -34,8 +34,8 @@ RopeParams layer_rope(const dsv4_hparams & hp, uint32_t il);
 ggml_tensor * rope_tail(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const RopeParams & rp);
 ggml_tensor * rope_tail_inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const RopeParams & rp);
 
-// Σ over ne1: ne{D, K, T} -> ne{D, T}.
-ggml_tensor * sum_over_dim1(ggml_context * ctx, ggml_tensor * x);
+// Σ_k weights[k, t]·outs[:, k, t]: ne{D, K, T}, ne{K, T} -> ne{D, T}.
+ggml_tensor * mix_experts(ggml_context * ctx, ggml_tensor * outs, ggml_tensor * weights);
 
 // The three compressor streams of a layer (§3.5): the CSA and HCA main compressors and the
 // lightning indexer's key compressor (ratio 4, like CSA).
@@ -168,6 +168,8 @@ class Step {
     };
     // `t` as F32 rows (a copy through get_rows when the cache holds another type)
     ggml_tensor * as_f32(ggml_tensor * t, ggml_tensor * rows);
+    // the rows of a batch that a ring of `ring_rows` keeps (the last ones)
+    ggml_tensor * kept_rows(ggml_tensor * batch, ggml_tensor * src, int64_t ring_rows);
     ggml_tensor * input(ggml_type type, int64_t ne0, int64_t ne1 = 1);
     RatioInputs & inputs(Stream st);
     const RatioPlan & ratio_plan(Stream st) const;
