@@ -86,10 +86,12 @@ def _timed(fn) -> float:
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None,
               depths: list[int] = (0,), repetitions: int = 3, cache_type: str = "f16",
-              n_ubatch: int = 512, bandwidth_gbs: float | None = None, log=sys.stderr) -> dict:
+              n_ubatch: int = 512, bandwidth_gbs: float | None = None, flash_attn: bool = True,
+              log=sys.stderr) -> dict:
     max_depth = max(depths) if depths else 0
     n_ctx = max(n_prompt, max_depth + n_gen) + 8
-    m = Model(path, n_ctx=n_ctx, n_threads=threads, cache_type=cache_type, n_ubatch=n_ubatch, prefetch=True)
+    m = Model(path, n_ctx=n_ctx, n_threads=threads, cache_type=cache_type, n_ubatch=n_ubatch, prefetch=True,
+              flash_attn=flash_attn)
     rng = np.random.default_rng(0)
     vocab = m.n_vocab
     results: list[BenchResult] = []
@@ -178,7 +180,7 @@ def main_args(args) -> int:
     if args.cache_type not in CACHE_TYPES:
         raise SystemExit(f"unknown cache type {args.cache_type}")
     out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
-                    args.cache_type, args.ubatch, args.bandwidth)
+                    args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:

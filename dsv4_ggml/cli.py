@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test (default 3)")
     b.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     b.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
+    b.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")
     b.add_argument("--bandwidth", type=float, default=None,
                    help="measured memory read bandwidth in GB/s (benchmarks/membw) for the floor")
     b.add_argument("--json", action="store_true", help="print JSON")

@@ -60,7 +60,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
                  backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
-                 prefetch: bool = False, progress=None):
+                 flash_attn: bool = True, prefetch: bool = False, progress=None):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
@@ -109,6 +109,7 @@ class Model:
         sp.n_ubatch = n_ubatch
         sp.n_threads = self.n_threads
         sp.cache_type = CACHE_TYPES[cache_type]
+        sp.flash_attn = bool(flash_attn)
         sess = ffi.new("dsv4_session **")
         try:
             _native.check(lib.dsv4_session_create(self._model, sp, sess))

@@ -249,6 +249,7 @@ dsv4_session_params dsv4_session_default_params(void) {
     p.n_ubatch = 512;
     p.n_threads = 0;
     p.cache_type = GGML_TYPE_F16;
+    p.flash_attn = true;
     return p;
 }
 

@@ -126,6 +126,7 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     g->graph = ggml_new_graph_custom(g->ctx, max_nodes, false);
     g->step = std::make_unique<Step>(g->ctx, hp, s.layers, s.plan);
     Step & st = *g->step;
+    st.flash_attn = s.params.flash_attn;
 
     ggml_tensor * X = embed(st, m.weights);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {

@@ -393,9 +393,10 @@ void Step::set_inputs() const {
 
 namespace {
 
-// One query token: ggml's flash attention reads the keys (= values) row by row, so nothing is
-// transposed or copied. F32 keys keep its accumulation in F32.
-ggml_tensor * attend_one(ggml_context * ctx, ggml_tensor * q, const KeySet & keys, ggml_tensor * sinks, float scale) {
+// ggml's flash attention reads the keys (= values) row by row, so nothing is transposed or
+// copied; with F32 keys it accumulates in F32 (its F16 path would round the sums). Keys picked
+// per query (CSA decode) join the shared ones for the single query.
+ggml_tensor * attend_flash(ggml_context * ctx, ggml_tensor * q, const KeySet & keys, ggml_tensor * sinks, float scale) {
     ggml_tensor * k = keys.shared;
     ggml_tensor * mask = keys.shared_mask;
     if (keys.own != nullptr) {
@@ -403,7 +404,7 @@ ggml_tensor * attend_one(ggml_context * ctx, ggml_tensor * q, const KeySet & key
         mask = ggml_concat(ctx, mask, keys.own_mask, 0);
     }
     ggml_tensor * k4 = ggml_reshape_4d(ctx, k, k->ne[0], k->ne[1], 1, 1);
-    ggml_tensor * q4 = ggml_permute(ctx, q, 0, 2, 1, 3);  // ne{Dh, T = 1, H}
+    ggml_tensor * q4 = ggml_permute(ctx, q, 0, 2, 1, 3);  // ne{Dh, T, H}
     ggml_tensor * out = ggml_flash_attn_ext(ctx, q4, k4, k4, ggml_cast(ctx, mask, GGML_TYPE_F16), scale, 0.0f, 0.0f);
     ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
     ggml_flash_attn_ext_add_sinks(out, sinks);
@@ -417,8 +418,8 @@ ggml_tensor * attend(Step & s, ggml_tensor * q, const KeySet & keys, ggml_tensor
     const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2];
     const float scale = 1.0f / std::sqrt(float(Dh));
     const int64_t N = keys.shared->ne[1];
-    if (T == 1 && keys.shared->type == GGML_TYPE_F32) {
-        return attend_one(ctx, q, keys, sinks, scale);
+    if (s.flash_attn && keys.shared->type == GGML_TYPE_F32 && (keys.own == nullptr || T == 1)) {
+        return attend_flash(ctx, q, keys, sinks, scale);
     }
 
     // scores ne{keys, T, H}: the mask broadcasts over heads, the sink is per head (ne2);

@@ -126,6 +126,7 @@ class Step {
     ggml_context * ctx;
     const dsv4_hparams & hp;
     const int64_t n_tokens;
+    bool flash_attn = true;   // attention through ggml_flash_attn_ext (else matmul + softmax)
     ggml_tensor * positions;  // i32 [T]
     ggml_tensor * tokens;     // i32 [T]
 
