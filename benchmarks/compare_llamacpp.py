@@ -77,7 +77,7 @@ def llama_bench(exe: Path, model: Path, threads: int, n_prompt: int, n_gen: int,
 def llama_graph_nodes(exe: Path, model: Path, threads: int) -> int | None:
     """llama.cpp's graph node count, from its scheduler's debug log."""
     out = subprocess.run([str(exe), "-m", str(model), "-t", str(threads), "-p", "0", "-n", "1", "-r", "1", "-v"],
-                         capture_output=True, text=True, env=dict(os.environ, GGML_SCHED_DEBUG="1"))
+                         capture_output=True, text=True, errors="replace", env=dict(os.environ, GGML_SCHED_DEBUG="1"))
     m = re.search(r"graph: nodes = (\d+)", out.stdout + out.stderr)
     return int(m.group(1)) if m else None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .errors import (
     BackendError, BadKeyError, CancelledError, ContextOverflowError, CorruptFileError, Dsv4Error, FileError,
     GGUFError, InternalError, InvalidArgumentError, MissingKeyError, MissingTensorError,
-    ModelFormatError, NotGGUFError, NumericsError, OutOfMemoryError, TensorShapeError,
+    ModelFormatError, NotGGUFError, NumericsError, OutOfMemoryError, StateError, TensorShapeError,
     TensorTypeError, TruncatedFileError, UnexpectedTensorError, WrongArchitectureError,
 )
 
@@ -33,5 +33,5 @@ __all__ = [
     "GGUFError", "NotGGUFError", "TruncatedFileError", "CorruptFileError", "ModelFormatError",
     "WrongArchitectureError", "MissingKeyError", "BadKeyError", "MissingTensorError",
     "TensorShapeError", "TensorTypeError", "UnexpectedTensorError", "ContextOverflowError",
-    "BackendError", "OutOfMemoryError", "NumericsError", "InternalError", "CancelledError",
+    "BackendError", "OutOfMemoryError", "NumericsError", "InternalError", "CancelledError", "StateError",
 ]

@@ -91,6 +91,10 @@ class CancelledError(Dsv4Error):
     """A progress callback asked to stop loading."""
 
 
+class StateError(Dsv4Error, ValueError):
+    """A saved session state is corrupt or belongs to another model or session geometry."""
+
+
 # dsv4_status code -> exception class (codes from native/include/dsv4.h)
 BY_STATUS = {
     1: InvalidArgumentError,
@@ -111,6 +115,7 @@ BY_STATUS = {
     16: NumericsError,
     17: InternalError,
     18: CancelledError,
+    19: StateError,
 }
 
 

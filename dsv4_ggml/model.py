@@ -155,6 +155,35 @@ class Model:
         self._last_logits = out[-1]
         return out
 
+    def save_state(self) -> bytes:
+        """The session's whole state (caches, rings, tokens) as a checksummed blob, for
+        `load_state` on a session of the same model, n_ctx and cache type."""
+        self._require_open()
+        ffi, lib = self._ffi, self._lib
+        n = ffi.new("size_t *")
+        _native.check(lib.dsv4_session_state_size(self._session, n))
+        buf = bytearray(n[0])
+        written = ffi.new("size_t *")
+        _native.check(lib.dsv4_session_save_state(self._session, ffi.from_buffer(buf), len(buf), written))
+        return bytes(buf[:written[0]])
+
+    def load_state(self, blob: bytes) -> None:
+        """Restores a state saved by `save_state`. A corrupt or foreign blob raises StateError and
+        leaves the session unchanged."""
+        self._require_open()
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError("load_state needs the bytes returned by save_state")
+        ffi, lib = self._ffi, self._lib
+        data = bytes(blob)
+        _native.check(lib.dsv4_session_load_state(self._session, ffi.from_buffer(data), len(data)))
+        n = ffi.new("int64_t *")
+        _native.check(lib.dsv4_session_tokens(self._session, ffi.NULL, 0, n))
+        toks = np.empty(n[0], dtype=np.int32)
+        if n[0]:
+            _native.check(lib.dsv4_session_tokens(self._session, ffi.cast("int32_t *", toks.ctypes.data), n[0], n))
+        self._tokens = [int(t) for t in toks]
+        self._last_logits = None
+
     def reset(self) -> None:
         """Forgets every token (empty windows and caches)."""
         self._require_open()

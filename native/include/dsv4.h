@@ -46,7 +46,8 @@ typedef enum dsv4_status {
     DSV4_ERR_OUT_OF_MEMORY = 15,    /* an allocation failed */
     DSV4_ERR_NUMERICS = 16,         /* a NaN or Inf appeared in the computation */
     DSV4_ERR_INTERNAL = 17,         /* a bug: please report it */
-    DSV4_ERR_CANCELLED = 18         /* a progress callback asked to stop */
+    DSV4_ERR_CANCELLED = 18,        /* a progress callback asked to stop */
+    DSV4_ERR_BAD_STATE = 19         /* a saved session state is corrupt or belongs to another model/session */
 } dsv4_status;
 
 typedef enum dsv4_backend {
@@ -141,7 +142,8 @@ typedef struct dsv4_session_stats {
     int64_t n_graph_builds;    /* graphs built; the other micro-batches reused the previous graph */
     int64_t n_graph_nodes;     /* nodes of the current graph */
     uint64_t state_bytes;      /* persistent state: windows, compressor rings, compressed caches */
-    uint64_t compute_bytes;    /* the backend's compute buffer */
+    uint64_t compute_bytes;    /* the compute buffer of the current (last used) graph */
+    uint64_t compute_bytes_all; /* the compute buffers of every cached graph */
 } dsv4_session_stats;
 
 DSV4_API const char * dsv4_version(void);
@@ -191,6 +193,15 @@ DSV4_API dsv4_status dsv4_session_eval(dsv4_session * session, const int32_t * t
 DSV4_API dsv4_status dsv4_session_reset(dsv4_session * session);
 DSV4_API dsv4_status dsv4_session_n_past(const dsv4_session * session, int64_t * out);
 DSV4_API dsv4_status dsv4_session_get_stats(const dsv4_session * session, dsv4_session_stats * out);
+/* The tokens the session holds (n_past of them); *n receives the count. */
+DSV4_API dsv4_status dsv4_session_tokens(const dsv4_session * session, int32_t * out, int64_t capacity, int64_t * n);
+/* Session state save/restore: the whole sequence state (caches, rings, tokens) as a checksummed
+ * blob tied to the model and the session's n_ctx and cache type. Loading validates everything
+ * before changing anything: a corrupt or foreign blob fails with DSV4_ERR_BAD_STATE. */
+DSV4_API dsv4_status dsv4_session_state_size(const dsv4_session * session, size_t * out);
+DSV4_API dsv4_status dsv4_session_save_state(const dsv4_session * session, void * dst, size_t capacity,
+                                             size_t * written);
+DSV4_API dsv4_status dsv4_session_load_state(dsv4_session * session, const void * src, size_t size);
 
 /* cffi-end */
 

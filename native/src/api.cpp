@@ -73,6 +73,7 @@ const char * dsv4_status_name(dsv4_status status) {
         case DSV4_ERR_NUMERICS: return "non-finite values";
         case DSV4_ERR_INTERNAL: return "internal error";
         case DSV4_ERR_CANCELLED: return "cancelled";
+        case DSV4_ERR_BAD_STATE: return "bad session state";
     }
     return "unknown status";
 }
@@ -299,6 +300,46 @@ dsv4_status dsv4_session_get_stats(const dsv4_session * session, dsv4_session_st
         require(session, "session");
         require(out, "out");
         *out = dsv4::session_stats(*session);
+    });
+}
+
+dsv4_status dsv4_session_tokens(const dsv4_session * session, int32_t * out, int64_t capacity, int64_t * n) {
+    return guarded([&] {
+        require(session, "session");
+        require(n, "n");
+        *n = int64_t(session->tokens.size());
+        if (out != nullptr) {
+            if (capacity < *n) {
+                dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "capacity %lld is smaller than the %lld tokens", (long long) capacity,
+                           (long long) *n);
+            }
+            std::copy(session->tokens.begin(), session->tokens.end(), out);
+        }
+    });
+}
+
+dsv4_status dsv4_session_state_size(const dsv4_session * session, size_t * out) {
+    return guarded([&] {
+        require(session, "session");
+        require(out, "out");
+        *out = dsv4::session_state_size(*session);
+    });
+}
+
+dsv4_status dsv4_session_save_state(const dsv4_session * session, void * dst, size_t capacity, size_t * written) {
+    return guarded([&] {
+        require(session, "session");
+        require(dst, "dst");
+        require(written, "written");
+        *written = dsv4::session_save_state(*session, static_cast<uint8_t *>(dst), capacity);
+    });
+}
+
+dsv4_status dsv4_session_load_state(dsv4_session * session, const void * src, size_t size) {
+    return guarded([&] {
+        require(session, "session");
+        require(src, "src");
+        dsv4::session_load_state(*session, static_cast<const uint8_t *>(src), size);
     });
 }
 

@@ -4,10 +4,20 @@
 #include "error.h"
 #include "hparams.h"
 
+#include <algorithm>
+
 #include <sys/mman.h>
 #include <unistd.h>
 
 namespace dsv4 {
+
+uint64_t fnv1a(const void * data, size_t n, uint64_t h) {
+    const uint8_t * p = static_cast<const uint8_t *>(data);
+    for (size_t i = 0; i < n; ++i) {
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    }
+    return h;
+}
 
 namespace {
 
@@ -131,6 +141,15 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
         }
     }
 
+    // what a saved state must match: hparams, the tensor table and a sample of every tensor's
+    // data (two files with the same shapes but other weights are other models)
+    m->fingerprint = fnv1a(&m->hp, sizeof(m->hp));
+    for (const GgufTensorInfo & ti : f.tensors()) {
+        m->fingerprint = fnv1a(ti.name.data(), ti.name.size(), m->fingerprint);
+        m->fingerprint = fnv1a(&ti.type, sizeof(ti.type), m->fingerprint);
+        m->fingerprint = fnv1a(ti.ne, sizeof(ti.ne), m->fingerprint);
+        m->fingerprint = fnv1a(f.map() + ti.offset, size_t(std::min<uint64_t>(ti.nbytes, 256)), m->fingerprint);
+    }
     m->table.reserve(f.tensors().size());
     for (const GgufTensorInfo & ti : f.tensors()) {
         dsv4_tensor_info t{};

@@ -19,11 +19,15 @@ struct dsv4_model {
     ggml_backend_buffer_t weights_buf = nullptr;  // CPU: the mapped file itself (no copy)
     std::vector<dsv4_tensor_info> table;      // the file's tensors, in file order
     dsv4_model_params params{};
+    uint64_t fingerprint = 0;                 // of the hparams and the tensor table (saved states)
 
     ~dsv4_model();
 };
 
 namespace dsv4 {
+
+// FNV-1a, 64 bits (fingerprints and checksums of saved states; not cryptographic).
+uint64_t fnv1a(const void * data, size_t n, uint64_t h = 0xcbf29ce484222325ull);
 
 // Opens, parses and validates `path`; throws dsv4::Error.
 std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_model_params & params);

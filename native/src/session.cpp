@@ -62,6 +62,7 @@ void clear_state(dsv4_session & s) {
         }
     }
     s.n_past = 0;
+    s.tokens.clear();
 }
 
 ggml_tensor * new_state(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, const char * name, uint32_t il) {
@@ -130,6 +131,12 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
 
     ggml_tensor * X = embed(st, m.weights);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        if (il + 1 == hp.n_layer) {
+            // computed in every graph (the last layer's kv needs it), with or without logits
+            g->health = ggml_sum(g->ctx, X);
+            ggml_set_output(g->health);
+            ggml_build_forward_expand(g->graph, g->health);
+        }
         X = layer(st, m.weights.layers[il], il, X);
     }
     if (key.out != OutMode::NONE) {
@@ -204,9 +211,22 @@ void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out
         fail(DSV4_ERR_BACKEND, "the backend failed to compute the graph");
     }
     s.n_past += T;
+    s.tokens.insert(s.tokens.end(), tokens, tokens + T);
     s.n_ubatches += 1;
+    float health = 0.0f;
+    ggml_backend_tensor_get(g.health, &health, 0, sizeof(health));
+    bool finite = std::isfinite(health);
     if (out != OutMode::NONE) {
         ggml_backend_tensor_get(g.logits, logits, 0, ggml_nbytes(g.logits));
+        const int64_t n = ggml_nelements(g.logits);
+        for (int64_t i = 0; i < n && finite; ++i) {
+            finite = std::isfinite(logits[i]);
+        }
+    }
+    if (!finite) {
+        fail(DSV4_ERR_NUMERICS,
+             "non-finite values (NaN/Inf) appeared while computing positions %lld..%lld; the session state may hold "
+             "them now: reset it", (long long) (s.n_past - T), (long long) (s.n_past - 1));
     }
 }
 
@@ -359,6 +379,126 @@ void session_reset(dsv4_session & s) {
     clear_state(s);
 }
 
+// --- saved states -------------------------------------------------------------------------------
+// Layout: header, then every state tensor's bytes in creation order, then the tokens, then an
+// FNV-1a checksum of everything before it.
+
+namespace {
+
+constexpr char kStateMagic[8] = {'D', 'S', 'V', '4', 'S', 'T', 'A', 'T'};
+constexpr uint32_t kStateVersion = 1;
+
+struct StateHeader {
+    char magic[8];
+    uint32_t version;
+    int32_t n_ctx;
+    uint64_t model_fingerprint;
+    int32_t cache_type;
+    int32_t n_tensors;
+    int64_t n_past;
+    uint64_t state_bytes;
+};
+
+std::vector<ggml_tensor *> state_tensors(const dsv4_session & s) {
+    std::vector<ggml_tensor *> out;
+    for (ggml_tensor * t = ggml_get_first_tensor(s.ctx_state); t != nullptr; t = ggml_get_next_tensor(s.ctx_state, t)) {
+        out.push_back(t);
+    }
+    return out;
+}
+
+uint64_t tensor_bytes(const std::vector<ggml_tensor *> & ts) {
+    uint64_t n = 0;
+    for (ggml_tensor * t : ts) {
+        n += ggml_nbytes(t);
+    }
+    return n;
+}
+
+}  // namespace
+
+size_t session_state_size(const dsv4_session & s) {
+    return sizeof(StateHeader) + tensor_bytes(state_tensors(s)) + s.tokens.size() * sizeof(int32_t) + sizeof(uint64_t);
+}
+
+size_t session_save_state(const dsv4_session & s, uint8_t * dst, size_t capacity) {
+    const size_t need = session_state_size(s);
+    if (capacity < need) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "the state needs %zu bytes, the buffer has %zu", need, capacity);
+    }
+    const auto tensors = state_tensors(s);
+    StateHeader h{};
+    std::memcpy(h.magic, kStateMagic, sizeof(h.magic));
+    h.version = kStateVersion;
+    h.n_ctx = s.params.n_ctx;
+    h.model_fingerprint = s.model->fingerprint;
+    h.cache_type = s.params.cache_type;
+    h.n_tensors = int32_t(tensors.size());
+    h.n_past = s.n_past;
+    h.state_bytes = tensor_bytes(tensors);
+    uint8_t * p = dst;
+    std::memcpy(p, &h, sizeof(h));
+    p += sizeof(h);
+    for (ggml_tensor * t : tensors) {
+        ggml_backend_tensor_get(t, p, 0, ggml_nbytes(t));
+        p += ggml_nbytes(t);
+    }
+    std::memcpy(p, s.tokens.data(), s.tokens.size() * sizeof(int32_t));
+    p += s.tokens.size() * sizeof(int32_t);
+    const uint64_t sum = fnv1a(dst, size_t(p - dst));
+    std::memcpy(p, &sum, sizeof(sum));
+    return need;
+}
+
+void session_load_state(dsv4_session & s, const uint8_t * src, size_t size) {
+    const auto tensors = state_tensors(s);
+    StateHeader h{};
+    if (size < sizeof(h) + sizeof(uint64_t)) {
+        fail(DSV4_ERR_BAD_STATE, "the state blob is %zu bytes, too short to be a saved state", size);
+    }
+    std::memcpy(&h, src, sizeof(h));
+    if (std::memcmp(h.magic, kStateMagic, sizeof(h.magic)) != 0) {
+        fail(DSV4_ERR_BAD_STATE, "not a saved dsv4-ggml session state (bad magic)");
+    }
+    if (h.version != kStateVersion) {
+        fail(DSV4_ERR_BAD_STATE, "saved state version %u is not supported (expected %u)", h.version, kStateVersion);
+    }
+    uint64_t sum;
+    std::memcpy(&sum, src + size - sizeof(sum), sizeof(sum));
+    if (sum != fnv1a(src, size - sizeof(sum))) {
+        fail(DSV4_ERR_BAD_STATE, "the saved state is corrupt (checksum mismatch)");
+    }
+    if (h.model_fingerprint != s.model->fingerprint) {
+        fail(DSV4_ERR_BAD_STATE, "the saved state belongs to another model");
+    }
+    if (h.n_ctx != s.params.n_ctx || h.cache_type != s.params.cache_type) {
+        fail(DSV4_ERR_BAD_STATE, "the saved state is for n_ctx %d / cache type %s; this session has n_ctx %d / %s",
+             int(h.n_ctx), ggml_type_name(ggml_type(h.cache_type)), int(s.params.n_ctx),
+             ggml_type_name(ggml_type(s.params.cache_type)));
+    }
+    if (h.n_tensors != int32_t(tensors.size()) || h.state_bytes != tensor_bytes(tensors) || h.n_past < 0 ||
+        h.n_past > s.params.n_ctx ||
+        size != sizeof(h) + h.state_bytes + uint64_t(h.n_past) * sizeof(int32_t) + sizeof(uint64_t)) {
+        fail(DSV4_ERR_BAD_STATE, "the saved state's layout does not match this session");
+    }
+    const uint8_t * tok = src + sizeof(h) + h.state_bytes;
+    std::vector<int32_t> toks(size_t(h.n_past));
+    std::memcpy(toks.data(), tok, toks.size() * sizeof(int32_t));
+    for (int32_t t : toks) {
+        if (t < 0 || uint32_t(t) >= s.model->hp.n_vocab) {
+            fail(DSV4_ERR_BAD_STATE, "the saved state holds token %d, outside the vocabulary", int(t));
+        }
+    }
+    // validated: now change the session
+    const uint8_t * p = src + sizeof(h);
+    for (ggml_tensor * t : tensors) {
+        ggml_backend_tensor_set(t, p, 0, ggml_nbytes(t));
+        p += ggml_nbytes(t);
+    }
+    s.n_past = h.n_past;
+    s.tokens = std::move(toks);
+}
+
 dsv4_session_stats session_stats(const dsv4_session & s) {
     dsv4_session_stats st{};
     st.n_past = s.n_past;
@@ -367,7 +507,10 @@ dsv4_session_stats session_stats(const dsv4_session & s) {
     st.n_graph_nodes = s.current != nullptr ? ggml_graph_n_nodes(s.current->graph) : 0;
     st.state_bytes = ggml_backend_buffer_get_size(s.buf_state);
     for (const auto & g : s.graphs) {
-        st.compute_bytes += ggml_backend_sched_get_buffer_size(g->sched, s.backend);
+        st.compute_bytes_all += ggml_backend_sched_get_buffer_size(g->sched, s.backend);
+    }
+    if (s.current != nullptr) {
+        st.compute_bytes = ggml_backend_sched_get_buffer_size(s.current->sched, s.backend);
     }
     return st;
 }

@@ -23,6 +23,7 @@ struct CachedGraph {
     ggml_context * ctx = nullptr;
     ggml_cgraph * graph = nullptr;
     ggml_tensor * logits = nullptr;
+    ggml_tensor * health = nullptr;        // Σ of the last trunk layer's input: NaN/Inf check
     std::unique_ptr<Step> step;
     ggml_backend_sched_t sched = nullptr;  // each graph keeps its own compute buffer
     uint64_t last_use = 0;
@@ -44,6 +45,7 @@ struct dsv4_session {
     int64_t n_rows128 = 0;
     bool has4 = false, has128 = false;
     int64_t n_past = 0;
+    std::vector<int32_t> tokens;  // the sequence held (n_past tokens)
 
     // the plan of the current micro-batch (every cached graph's Step reads its inputs from it)
     // and the graphs built so far, most recently used last
@@ -72,5 +74,9 @@ void session_eval(dsv4_session & s, const int32_t * tokens, int64_t n, float * l
 void session_reset(dsv4_session & s);
 
 dsv4_session_stats session_stats(const dsv4_session & s);
+
+size_t session_state_size(const dsv4_session & s);
+size_t session_save_state(const dsv4_session & s, uint8_t * dst, size_t capacity);
+void session_load_state(dsv4_session & s, const uint8_t * src, size_t size);
 
 }  // namespace dsv4
