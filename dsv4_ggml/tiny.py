@@ -2,13 +2,23 @@
 
 `write_tiny_model(path, seed=0, **overrides)` writes a small model with the spec §8
 configuration by default: 6 layers with compress ratios 0/4/128 twice, hash routing on the first
-two, a 512-token byte-level BPE vocabulary, and seeded weights scaled so activations stay O(1).
+two, a 512-token byte-level BPE vocabulary (`tiny_vocab`), and seeded weights scaled so activations
+stay O(1) (Gaussian std 1/sqrt(fan_in), norms 1 + 0.1·N(0,1), `hc_*_fn` std 1/sqrt(HC·D), HC base
+N(0, 0.5), HC scale U(0.5, 1.5), sinks N(0, 1), APE N(0, 0.5), router bias N(0, 0.1), `tid2eid` =
+n_expert_used distinct experts per token id). `n_mtp_layers=1` adds the MTP block `blk.{n_layer}`.
 Keys, value types, tensor names, shapes and dtypes are exactly those of a llama.cpp-converted
-file (checked against `../shared/golden/` by the tests).
+file (checked against `../shared/golden/` by the tests); `attention.compress_ratios` always has
+n_layer + 1 entries (the last, 0, is the MTP block's slot, like the real config's 44 for 43 layers).
+
+All tensors are F32 (`tid2eid` I32) unless `weight_type` / `expert_type` name a ggml type for the
+matrices llama-quantize would quantize (`QUANTIZED`); rows a type's blocks do not fit fall back to
+Q8_0, then F16, like llama-quantize.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,16 +41,25 @@ QUANTIZED = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.
              "ffn_down_shexp.weight")
 
 
+_INT_FIELDS = ("n_vocab", "n_embd", "n_layer", "n_hash_layers", "n_mtp_layers", "n_head", "head_dim", "n_rot",
+               "q_lora_rank", "o_groups", "o_lora_rank", "n_swa", "indexer_n_head", "indexer_head_dim",
+               "indexer_top_k", "n_expert", "n_expert_used", "n_expert_shared", "expert_ff", "hc_mult",
+               "hc_sinkhorn_iters", "rope_orig_ctx", "context_length")
+_FLOAT_FIELDS = ("expert_weights_scale", "swiglu_limit", "swiglu_limit_shared", "hc_eps", "norm_eps",
+                 "rope_freq_base", "compress_rope_freq_base", "rope_scaling_factor", "yarn_beta_fast",
+                 "yarn_beta_slow")
+
+
 @dataclass
 class TinyConfig:
-    """Hyperparameters of a tiny model (defaults: spec §8)."""
+    """Hyperparameters of a tiny model (defaults: spec §8). Names are the reference's hparam names."""
 
     n_vocab: int = 512
     n_embd: int = 256
-    n_layer: int = 6
-    compress_ratios: list[int] = field(default_factory=lambda: [0, 4, 128, 0, 4, 128])
+    n_layer: int = 6                # trunk layers (the MTP block comes on top: block_count = n_layer + n_mtp_layers)
+    compress_ratios: list[int] = field(default_factory=lambda: [0, 4, 128, 0, 4, 128])   # one per trunk layer
     n_hash_layers: int = 2
-    n_mtp_layers: int = 0
+    n_mtp_layers: int = 0           # 1: adds blk.{n_layer} with its nextn.* tensors (ratio 0, not hash-routed)
     n_head: int = 4
     head_dim: int = 256
     n_rot: int = 64
@@ -66,30 +85,64 @@ class TinyConfig:
     compress_rope_freq_base: float = 160000.0
     rope_scaling_factor: float = 16.0
     rope_orig_ctx: int = 65536
+    yarn_beta_fast: float = 32.0    # written to the file; llama.cpp never reads them and uses 32 / 1 (spec §1.5)
+    yarn_beta_slow: float = 1.0
     context_length: int = 32768
     weight_type: str = "f32"      # 2-D projections, experts, embedding and LM head
     expert_type: str | None = None  # routed experts (default: weight_type)
 
     def validate(self) -> None:
+        """Raises ValueError naming the first option that cannot make a file llama.cpp's loader
+        (and ours) accepts."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(msg)
-        need(self.n_layer >= 1, "n_layer must be at least 1")
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            need(isinstance(v, numbers.Integral) and not isinstance(v, bool),
+                 f"{name} must be an integer, got {v!r}")
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if v is None and name == "swiglu_limit_shared":
+                continue
+            need(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+                 f"{name} must be a finite number, got {v!r}")
+        for name in ("n_embd", "n_layer", "n_head", "head_dim", "n_rot", "q_lora_rank", "o_groups", "o_lora_rank",
+                     "n_swa", "indexer_n_head", "indexer_head_dim", "indexer_top_k", "n_expert", "expert_ff",
+                     "hc_sinkhorn_iters", "rope_orig_ctx", "context_length"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        need(isinstance(self.compress_ratios, (list, tuple)),
+             f"compress_ratios must be a list of 0/4/128, got {self.compress_ratios!r}")
         need(len(self.compress_ratios) == self.n_layer,
-             f"compress_ratios has {len(self.compress_ratios)} entries for {self.n_layer} layers")
-        need(all(r in (0, 4, 128) for r in self.compress_ratios), "compress ratios must be 0, 4 or 128")
-        need(0 <= self.n_hash_layers <= self.n_layer, "n_hash_layers must be in [0, n_layer]")
-        need(self.n_mtp_layers in (0, 1), "n_mtp_layers must be 0 or 1")
-        need(self.n_head % self.o_groups == 0, "n_head must be divisible by o_groups")
-        need(self.n_rot % 2 == 0 and self.n_rot <= self.head_dim and self.n_rot <= self.indexer_head_dim,
-             "n_rot must be even and fit in head_dim and indexer_head_dim")
-        need(self.head_dim % 2 == 0, "head_dim must be even")
-        need(1 <= self.n_expert_used <= self.n_expert, "n_expert_used must be in [1, n_expert]")
-        need(self.n_expert_shared == 1, "n_expert_shared must be 1")
-        need(self.hc_mult == 4, "hc_mult must be 4 (llama.cpp requires it)")
-        need(self.indexer_top_k >= 1 and self.n_swa >= 1, "indexer_top_k and n_swa must be at least 1")
+             f"compress_ratios has {len(self.compress_ratios)} entries for {self.n_layer} layers "
+             f"(give n_layer entries, or n_layer + 1 with a final 0)")
+        bad = [r for r in self.compress_ratios
+               if not (isinstance(r, numbers.Integral) and not isinstance(r, bool) and r in (0, 4, 128))]
+        if bad:
+            raise ValueError(f"compress ratios must be 0, 4 or 128 (llama.cpp rejects others), got {bad[0]!r}")
+        need(0 <= self.n_hash_layers <= self.n_layer,
+             f"n_hash_layers must be in [0, n_layer={self.n_layer}], got {self.n_hash_layers}")
+        need(self.n_mtp_layers in (0, 1), f"n_mtp_layers must be 0 or 1, got {self.n_mtp_layers}")
+        need(self.n_head % self.o_groups == 0,
+             f"n_head ({self.n_head}) must be divisible by o_groups ({self.o_groups})")
+        need(self.head_dim % 2 == 0, f"head_dim must be even, got {self.head_dim}")
+        need(self.n_rot % 2 == 0, f"n_rot must be even, got {self.n_rot}")
+        need(self.n_rot <= self.head_dim and self.n_rot <= self.indexer_head_dim,
+             f"n_rot ({self.n_rot}) must fit in head_dim ({self.head_dim}) and indexer_head_dim "
+             f"({self.indexer_head_dim})")
+        need(1 <= self.n_expert_used <= self.n_expert,
+             f"n_expert_used must be in [1, n_expert={self.n_expert}], got {self.n_expert_used}")
+        need(self.n_expert_shared == 1, f"n_expert_shared must be 1, got {self.n_expert_shared}")
+        need(self.hc_mult == 4, f"hc_mult must be 4 (llama.cpp requires it), got {self.hc_mult}")
+        for name in ("norm_eps", "hc_eps", "swiglu_limit", "rope_scaling_factor", "expert_weights_scale"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.swiglu_limit_shared is None or self.swiglu_limit_shared > 0,
+             f"swiglu_limit_shared must be positive, got {self.swiglu_limit_shared}")
+        for name in ("rope_freq_base", "compress_rope_freq_base"):
+            need(getattr(self, name) > 1, f"{name} must be greater than 1, got {getattr(self, name)}")
         for name in (self.weight_type, self.expert_type or self.weight_type):
-            need(name.lower() in WEIGHT_TYPES, f"weight type {name!r} is not one of {', '.join(WEIGHT_TYPES)}")
+            need(isinstance(name, str) and name.lower() in WEIGHT_TYPES,
+                 f"weight type {name!r} is not one of {', '.join(WEIGHT_TYPES)}")
         build_vocab(self.n_vocab)  # raises for a too small vocabulary
 
 
@@ -97,10 +150,31 @@ def _config(overrides: dict[str, Any]) -> TinyConfig:
     names = {f.name for f in dataclasses.fields(TinyConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise TypeError(f"unknown tiny-model option(s): {', '.join(unknown)}")
-    cfg = TinyConfig(**{k: (list(v) if k == "compress_ratios" else v) for k, v in overrides.items()})
-    if "compress_ratios" not in overrides and cfg.n_layer != 6:
-        cfg.compress_ratios = [(0, 4, 128)[i % 3] for i in range(cfg.n_layer)]
+        raise TypeError(f"write_tiny_model() got unknown option(s): {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(names))})")
+    opts = dict(overrides)
+    if "compress_ratios" in opts:
+        try:
+            ratios = [int(r) if isinstance(r, numbers.Integral) and not isinstance(r, bool) else r
+                      for r in opts["compress_ratios"]]
+        except TypeError:
+            raise ValueError(f"compress_ratios must be a sequence of 0/4/128, got {opts['compress_ratios']!r}") \
+                from None
+        n_layer = opts.get("n_layer", TinyConfig.n_layer)
+        # llama.cpp-style lists carry one more entry than the trunk (the MTP/unused slot, always 0)
+        if isinstance(n_layer, numbers.Integral) and len(ratios) == n_layer + 1 and ratios[-1] == 0:
+            ratios = ratios[:-1]
+        opts["compress_ratios"] = ratios
+    for name, v in opts.items():   # NumPy scalars -> Python numbers (the returned config is plain data)
+        if name in _INT_FIELDS and isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            opts[name] = int(v)
+        elif name in _FLOAT_FIELDS and isinstance(v, numbers.Real) and not isinstance(v, bool):
+            opts[name] = float(v)
+    cfg = TinyConfig(**opts)
+    if "compress_ratios" not in opts and isinstance(cfg.n_layer, numbers.Integral) and cfg.n_layer != 6:
+        cfg.compress_ratios = [(0, 4, 128)[i % 3] for i in range(max(cfg.n_layer, 0))]
+    if "n_hash_layers" not in opts and isinstance(cfg.n_layer, numbers.Integral):
+        cfg.n_hash_layers = max(0, min(cfg.n_hash_layers, cfg.n_layer))
     cfg.validate()
     return cfg
 
@@ -187,7 +261,14 @@ def _layer_tensors(cfg: TinyConfig, w: _Weights, il: int, mtp: bool) -> list[tup
 
 
 def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -> dict[str, Any]:
-    """Writes a tiny DeepSeek-V4 GGUF and returns its configuration as a dict."""
+    """Writes a tiny DeepSeek-V4 GGUF and returns its configuration as a dict.
+
+    Every `TinyConfig` field can be overridden by keyword (an unknown keyword raises TypeError,
+    an unusable value ValueError). The weights depend only on `seed` and the configuration: the same
+    call writes the same bytes. The returned dict is `TinyConfig`'s fields plus `seed` and
+    `tensor_types` (tensor name -> ggml type, for the tensors not written as F32)."""
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     cfg = _config(overrides)
     vocab = build_vocab(cfg.n_vocab)
     n_blocks = cfg.n_layer + cfg.n_mtp_layers
@@ -214,8 +295,8 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
         ("rope.scaling.type", "yarn", STR),
         ("rope.scaling.factor", cfg.rope_scaling_factor, F32),
         ("rope.scaling.original_context_length", cfg.rope_orig_ctx, U32),
-        ("rope.scaling.yarn_beta_fast", 32.0, F32),
-        ("rope.scaling.yarn_beta_slow", 1.0, F32),
+        ("rope.scaling.yarn_beta_fast", cfg.yarn_beta_fast, F32),
+        ("rope.scaling.yarn_beta_slow", cfg.yarn_beta_slow, F32),
         ("attention.layer_norm_rms_epsilon", cfg.norm_eps, F32),
         ("attention.q_lora_rank", cfg.q_lora_rank, U32),
         ("attention.sliding_window", cfg.n_swa, U32),

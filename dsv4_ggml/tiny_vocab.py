@@ -1,14 +1,17 @@
 """A small, real byte-level BPE vocabulary for the tiny models (llama.cpp "gpt2" tokenizer).
 
-Layout: ids 0/1 are BOS/EOS, then the 256 byte tokens (GPT-2's byte-to-unicode alphabet), then
-the tokens of the merges learned from a short embedded text, then DeepSeek-V4's chat special
-tokens, then `<｜padN｜>` fillers up to the requested size. The trainer is deterministic (ties
-broken by the pair itself), so every call returns the same vocabulary.
+Layout: ids 0/1 are BOS/EOS, then the 256 byte tokens (GPT-2's byte-to-unicode alphabet, in byte
+order), then the tokens of the merges learned from a short embedded English text, then DeepSeek-V4's
+chat special tokens (CONTROL), then `<｜padN｜>` fillers (UNUSED, as in the golden files) up to the requested size.
+The trainer splits the text with the deepseek-v3 pre-tokenizer the GGUF names, counts byte pairs
+inside the pieces, and merges the most frequent pair (ties broken by the pair's text) while it
+occurs at least twice: deterministic, so every call returns the same vocabulary (cached per size).
+DeepSeek's DSML tool-call markup (`<｜DSML｜invoke ...>`) is left to plain text: whether the real
+vocabulary has special tokens for it is not established, so the tiny one does not pretend to.
 """
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -16,7 +19,7 @@ EOS = "<｜end▁of▁sentence｜>"
 CHAT_SPECIALS = ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<｜tool▁calls▁begin｜>",
                  "<｜tool▁calls▁end｜>")
 
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 5
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5   # gguf token types
 
 CORPUS = """\
 DeepSeek-V4 is a mixture of experts language model. Every token is routed to a few experts,
@@ -31,13 +34,36 @@ keys it has seen, so that each new token only computes what is new. Tests compar
 with a reference written in NumPy, token by token, and the logits must agree to the last digit
 that float arithmetic allows.
 
+The hidden state of every token is carried in four streams, the hyper-connections. Before each
+block the streams are mixed into one input, and after the block the output is written back into
+all four of them. The mixing weights come from a small projection of the streams themselves, made
+doubly stochastic by a few rounds of normalisation of the rows and the columns.
+
+When the user sends a message, the engine renders the chat template, turns the text into tokens,
+evaluates the prompt in one batch, and then samples one token at a time until the end of the
+sentence. Each sampled token is fed back to the model, and the answer is streamed to the user.
+
 Hello world! The quick brown fox jumps over the lazy dog. Numbers like 42, 128 and 4096 appear
 in the configuration; so do names such as ggml, GGUF, CUDA and Python. Ünïcödé text, 中文, and
 emoji 🙂 are split into bytes when no merge covers them.
 """
 
-# GPT-2's pre-tokenizer regex, close enough for training merges on the corpus above
-_PRETOKEN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
+# The pre-tokenizer of the GGUF's `tokenizer.ggml.pre = "deepseek-v3"` (llama.cpp applies the three
+# splits in turn, each piece isolated): merges are learned inside the pieces it produces, so every
+# merge can fire. Kept equal to `dsv4_ggml.tokenizer.DEEPSEEK_V3_SPLITS` (a test checks it).
+PRE_SPLITS = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+
+
+def pre_tokenize(text: str) -> list[str]:
+    """The text pieces the deepseek-v3 pre-tokenizer cuts `text` into."""
+    from tokenizers import Regex, pre_tokenizers
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS])
+    return [piece for piece, _ in pre.pre_tokenize_str(text)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,7 +85,7 @@ def train_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
     """Byte-level BPE merges, most frequent pair first; ties broken by the pair's text."""
     b2u = bytes_to_unicode()
     words: dict[tuple[str, ...], int] = {}
-    for piece in _PRETOKEN.findall(text):
+    for piece in pre_tokenize(text):
         w = tuple(b2u[b] for b in piece.encode("utf-8"))
         words[w] = words.get(w, 0) + 1
     merges: list[tuple[str, str]] = []
@@ -124,5 +150,5 @@ def build_vocab(n_vocab: int = 512) -> Vocab:
     types += [TOKEN_CONTROL] * len(CHAT_SPECIALS)
     while len(tokens) < n_vocab:
         tokens.append(f"<｜pad{len(tokens)}｜>")
-        types.append(TOKEN_USER_DEFINED)
+        types.append(TOKEN_UNUSED)
     return Vocab(tuple(tokens), tuple(types), tuple(kept))

@@ -20,7 +20,8 @@ DEEPSEEK_V3_SPLITS = (
     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 SUPPORTED_PRE = ("deepseek-v3", "joyai-llm")
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 5
+# gguf / llama.cpp token types
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 
 class Dsv4Tokenizer:
@@ -40,10 +41,15 @@ class Dsv4Tokenizer:
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3_SPLITS]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         self._tok.decoder = decoders.ByteLevel()
-        special = [t for t, ty in zip(tokens, token_types) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+        # control and unused (filler) tokens are specials; user-defined ones are added tokens
+        # matched in any text, which decode to their text like normal tokens (llama.cpp's rules)
+        special = [t for t, ty in zip(tokens, token_types) if ty in (TOKEN_CONTROL, TOKEN_UNUSED)]
+        user = [t for t, ty in zip(tokens, token_types) if ty == TOKEN_USER_DEFINED]
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        self._tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         self.tokens = list(tokens)
         self.special_ids = frozenset(vocab[t] for t in special)
+        self._text_ids = self.special_ids | frozenset(vocab[t] for t in user)   # pieces that are text, not bytes
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.n_vocab = len(tokens)
 
@@ -76,8 +82,8 @@ class Dsv4Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes a token stands for (specials: their UTF-8 text)."""
-        if token_id in self.special_ids:
+        """The raw bytes a token stands for (added tokens: their UTF-8 text)."""
+        if token_id in self._text_ids:
             return self.tokens[token_id].encode("utf-8")
         return _unicode_to_bytes(self.tokens[token_id])
 

@@ -226,3 +226,24 @@ def test_cli_chat_works_when_piped(tiny_model):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 2   # one reply line per user line
+
+
+def test_token_types_follow_gguf():
+    """gguf token types: CONTROL (3) and UNUSED (5) are specials; USER_DEFINED (4) tokens are
+    matched anywhere in text and decode to their own text (a converter writes them for added,
+    non-special tokens)."""
+    from dsv4_ggml.tiny_vocab import build_vocab
+    from dsv4_ggml.tokenizer import Dsv4Tokenizer
+
+    v = build_vocab(512)
+    tokens, types = list(v.tokens), list(v.token_types)
+    user_id = len(tokens) - 1
+    assert types[user_id] == 5          # a filler: UNUSED, as in the golden files
+    tokens[user_id], types[user_id] = "<tool▁output>", 4
+    tok = Dsv4Tokenizer(tokens, v.merges, types, v.bos_id, v.eos_id, add_bos=False)
+    ids = tok.encode("a<tool▁output>b")
+    assert user_id in ids and tok.decode(ids) == "a<tool▁output>b"
+    assert tok.decode(ids, skip_special=True) == "a<tool▁output>b"     # not a special
+    assert tok.token_bytes(user_id) == "<tool▁output>".encode()
+    filler = len(tokens) - 2
+    assert filler in tok.special_ids and tok.decode([filler], skip_special=True) == ""
