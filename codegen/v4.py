@@ -10,6 +10,7 @@ from .dsl import LAYER, DType, Kind, Model, select
 
 ARCH = "deepseek4"
 MAX_LAYERS = 512
+MAX_SINKHORN_ITERS = 1000  # the release uses 20; more would only hang the first token
 
 m = Model(ARCH)
 m.max_layers = MAX_LAYERS
@@ -129,6 +130,9 @@ m.check(expert_weights_norm, "must be true (DeepSeek-V4 renormalises the top-k w
         expert_weights_norm)
 m.check(hc_mult.eq(4), "must be 4", hc_mult)
 m.check(hc_sinkhorn_iters >= 1, "must be at least 1", hc_sinkhorn_iters)
+m.check(hc_sinkhorn_iters <= MAX_SINKHORN_ITERS, f"more than {MAX_SINKHORN_ITERS} iterations per token",
+        hc_sinkhorn_iters)
+m.check(norm_eps > 0, "must be positive", norm_eps)
 m.check(n_hash_layers <= n_layer, "must not exceed the trunk layer count", n_hash_layers)
 m.check(n_vocab >= 1, "must not be empty", n_vocab)
 m.check(bos_token_id < n_vocab, "not a valid token id (must be below the vocabulary size)", bos_token_id)

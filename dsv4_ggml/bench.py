@@ -87,11 +87,11 @@ def _timed(fn) -> float:
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None,
               depths: list[int] = (0,), repetitions: int = 3, cache_type: str = "f16",
               n_ubatch: int = 512, bandwidth_gbs: float | None = None, flash_attn: bool = True,
-              log=sys.stderr) -> dict:
+              log=sys.stderr, **model_kwargs) -> dict:
     max_depth = max(depths) if depths else 0
     n_ctx = max(n_prompt, max_depth + n_gen) + 8
     m = Model(path, n_ctx=n_ctx, n_threads=threads, cache_type=cache_type, n_ubatch=n_ubatch, prefetch=True,
-              flash_attn=flash_attn)
+              flash_attn=flash_attn, **model_kwargs)
     rng = np.random.default_rng(0)
     vocab = m.n_vocab
     results: list[BenchResult] = []
@@ -180,7 +180,8 @@ def main_args(args) -> int:
     if args.cache_type not in CACHE_TYPES:
         raise SystemExit(f"unknown cache type {args.cache_type}")
     out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
-                    args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn)
+                    args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
+                    backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:

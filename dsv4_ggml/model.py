@@ -56,11 +56,17 @@ class Model:
 
     Raises a `dsv4_ggml.Dsv4Error` subclass naming the problem when the file is not a
     usable DeepSeek-V4 GGUF (see `dsv4_ggml.errors`).
+
+    `backend="cuda"` (a build with `-DDSV4_CUDA=ON`) puts the weights of the first
+    `n_gpu_layers` trunk layers (None: all, with the output head) in device memory and runs
+    their ops there; `experts_on_host=True` keeps the routed experts in host memory, where
+    the CPU runs them (a model larger than the card). The token embedding stays on the host.
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
                  backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
-                 flash_attn: bool = True, prefetch: bool = False, progress=None):
+                 flash_attn: bool = True, prefetch: bool = False, progress=None,
+                 n_gpu_layers: int | None = None, experts_on_host: bool = False):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
@@ -74,6 +80,9 @@ class Model:
         if backend not in BACKENDS:
             raise InvalidArgumentError(
                 f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        if n_gpu_layers is not None and (isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int)
+                                         or n_gpu_layers < 0):
+            raise InvalidArgumentError(f"n_gpu_layers must be a non-negative integer or None, got {n_gpu_layers!r}")
         self.path = os.fspath(path)
         self.backend = backend
         self.n_threads = n_threads or (os.cpu_count() or 1)
@@ -84,6 +93,8 @@ class Model:
         params.backend = BACKENDS[backend]
         params.n_threads = self.n_threads
         params.prefetch = bool(prefetch)
+        params.n_gpu_layers = -1 if n_gpu_layers is None else n_gpu_layers
+        params.experts_on_host = bool(experts_on_host)
         callback = None
         if progress is not None:
             if not callable(progress):

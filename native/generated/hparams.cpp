@@ -185,6 +185,12 @@ void read_hparams(const GgufFile & f, dsv4_hparams & hp) {
     if (!(hp.hc_sinkhorn_iters >= 1)) {
         fail(DSV4_ERR_BAD_KEY, "metadata key '%s' is %u: must be at least 1", "deepseek4.hyper_connection.sinkhorn_iterations", unsigned(hp.hc_sinkhorn_iters));
     }
+    if (!(hp.hc_sinkhorn_iters <= 1000)) {
+        fail(DSV4_ERR_BAD_KEY, "metadata key '%s' is %u: more than 1000 iterations per token", "deepseek4.hyper_connection.sinkhorn_iterations", unsigned(hp.hc_sinkhorn_iters));
+    }
+    if (!(hp.norm_eps > 0)) {
+        fail(DSV4_ERR_BAD_KEY, "metadata key '%s' is %g: must be positive", "deepseek4.attention.layer_norm_rms_epsilon", double(hp.norm_eps));
+    }
     if (!(hp.n_hash_layers <= hp.n_layer)) {
         fail(DSV4_ERR_BAD_KEY, "metadata key '%s' is %u: must not exceed the trunk layer count", "deepseek4.hash_layer_count", unsigned(hp.n_hash_layers));
     }

@@ -124,6 +124,8 @@ typedef struct dsv4_model_params {
     int32_t backend;           /* dsv4_backend */
     int32_t n_threads;         /* CPU threads for compute; <= 0: all cores */
     bool prefetch;             /* read every weight page now, so the first tokens do not stall */
+    int32_t n_gpu_layers;      /* CUDA: trunk layers whose weights go to the device; < 0: all */
+    bool experts_on_host;      /* CUDA: keep routed experts in host memory (run on the CPU) */
     dsv4_progress_fn progress; /* optional */
     void * progress_data;
 } dsv4_model_params;

@@ -131,6 +131,8 @@ dsv4_model_params dsv4_model_default_params(void) {
     p.backend = DSV4_BACKEND_CPU;
     p.n_threads = 0;
     p.prefetch = false;
+    p.n_gpu_layers = -1;
+    p.experts_on_host = false;
     p.progress = nullptr;
     p.progress_data = nullptr;
     return p;

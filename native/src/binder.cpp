@@ -28,7 +28,10 @@ bool dtype_allowed(DType d, ggml_type t) {
         case DType::I32: return t == GGML_TYPE_I32;
         case DType::FLOAT: return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16;
         case DType::WEIGHT:
-            return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16 || ggml_is_quantized(t);
+            // q8_1 and q8_K are quantized but only as the activations' side of a dot product: ggml
+            // can neither dequantize them nor multiply by them (a weight of that type crashes)
+            return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16 ||
+                   (ggml_is_quantized(t) && ggml_get_type_traits(t)->to_float != nullptr);
     }
     return false;
 }
@@ -38,7 +41,7 @@ const char * dtype_text(DType d) {
         case DType::F32: return "f32";
         case DType::I32: return "i32";
         case DType::FLOAT: return "f32, f16 or bf16";
-        case DType::WEIGHT: return "a float (f32, f16, bf16) or quantized ggml type";
+        case DType::WEIGHT: return "a float (f32, f16, bf16) or quantized ggml type other than q8_1 and q8_K";
     }
     return "?";
 }
@@ -99,7 +102,7 @@ void WeightBinder::check_all_used() const {
             fail(DSV4_ERR_UNEXPECTED_TENSOR,
                  "the file holds tensor '%s', which this model's hyperparameters do not use "
                  "(a different architecture variant, or hparams that contradict the tensors?)",
-                 file_.tensors()[i].name.c_str());
+                 printable(file_.tensors()[i].name).c_str());
         }
     }
 }

@@ -21,6 +21,12 @@ constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 8 + 4 + 8;  // name length, n_d
 constexpr size_t kMaxTensorName = GGML_MAX_NAME - 1;
 // A count or length needing more than this many bytes is corrupt, not a truncated download.
 constexpr uint64_t kAbsurdBytes = uint64_t(1) << 40;
+// Each metadata key, tensor description and string array entry costs memory beyond its bytes
+// in the file (a hash map entry, a tensor object): these bound what a small hostile file can
+// make us allocate, far above any real model (DeepSeek-V4: ~50 keys, ~1.4k tensors, 129k tokens).
+constexpr uint64_t kMaxKeys = uint64_t(1) << 20;
+constexpr uint64_t kMaxTensors = uint64_t(1) << 20;
+constexpr uint64_t kMaxArrayStrings = uint64_t(1) << 24;
 
 size_t fixed_size(GgufType t) {
     switch (t) {
@@ -34,6 +40,8 @@ size_t fixed_size(GgufType t) {
 
 bool valid_type(uint32_t t) { return t <= uint32_t(GgufType::F64); }
 
+}  // namespace
+
 std::string printable(std::string_view s) {
     std::string out;
     for (char c : s.substr(0, 80)) {
@@ -44,6 +52,8 @@ std::string printable(std::string_view s) {
     }
     return out;
 }
+
+namespace {
 
 // A bounds-checked reader over the mapped file.
 struct Cursor {
@@ -172,6 +182,10 @@ void GgufFile::parse() {
     const uint64_t n_tensors = c.read<uint64_t>("the tensor count");
     const uint64_t n_kv = c.read<uint64_t>("the metadata key count");
     c.need_items(n_kv, kMinKvBytes, "metadata keys");
+    if (n_kv > kMaxKeys) {
+        fail(DSV4_ERR_CORRUPT, "corrupt GGUF: %llu metadata keys (this reader accepts at most %llu)",
+             (unsigned long long) n_kv, (unsigned long long) kMaxKeys);
+    }
 
     key_order_.reserve(size_t(n_kv));
     for (uint64_t i = 0; i < n_kv; ++i) {
@@ -191,16 +205,21 @@ void GgufFile::parse() {
         } else if (v.type == GgufType::ARRAY) {
             const uint32_t et = c.read<uint32_t>("an array element type");
             if (!valid_type(et)) {
-                fail(DSV4_ERR_CORRUPT, "corrupt GGUF: array '%s' has unknown element type %u", skey.c_str(), et);
+                fail(DSV4_ERR_CORRUPT, "corrupt GGUF: array '%s' has unknown element type %u", printable(key).c_str(),
+                     et);
             }
             v.elem_type = GgufType(et);
             if (v.elem_type == GgufType::ARRAY) {
                 fail(DSV4_ERR_CORRUPT, "corrupt GGUF: array '%s' holds arrays (nested arrays are not supported)",
-                     skey.c_str());
+                     printable(key).c_str());
             }
             v.n = c.read<uint64_t>("an array length");
             if (v.elem_type == GgufType::STRING) {
                 c.need_items(v.n, 8, "array strings");
+                if (v.n > kMaxArrayStrings) {
+                    fail(DSV4_ERR_CORRUPT, "corrupt GGUF: array '%s' holds %llu strings (this reader accepts at most %llu)",
+                         printable(key).c_str(), (unsigned long long) v.n, (unsigned long long) kMaxArrayStrings);
+                }
                 v.strs.reserve(size_t(v.n));
                 for (uint64_t j = 0; j < v.n; ++j) {
                     v.strs.push_back(c.read_str("an array string"));
@@ -229,13 +248,19 @@ void GgufFile::parse() {
         }
         uint32_t al;
         std::memcpy(&al, a->data, 4);
-        if (al == 0 || (al & (al - 1)) != 0) {
-            fail(DSV4_ERR_CORRUPT, "corrupt GGUF: general.alignment %u is not a power of two", al);
+        // the GGUF specification requires a multiple of 8: every tensor then starts at an address
+        // aligned for any element type (with 1, 2 or 4, f32 or i32 data would be read misaligned)
+        if (al < 8 || (al & (al - 1)) != 0) {
+            fail(DSV4_ERR_CORRUPT, "corrupt GGUF: general.alignment %u is not a power of two of at least 8", al);
         }
         alignment_ = al;
     }
 
     c.need_items(n_tensors, kMinTensorInfoBytes, "tensor descriptions");
+    if (n_tensors > kMaxTensors) {
+        fail(DSV4_ERR_CORRUPT, "corrupt GGUF: %llu tensors (this reader accepts at most %llu)",
+             (unsigned long long) n_tensors, (unsigned long long) kMaxTensors);
+    }
     tensors_.reserve(size_t(n_tensors));
     for (uint64_t i = 0; i < n_tensors; ++i) {
         GgufTensorInfo ti;
@@ -248,7 +273,8 @@ void GgufFile::parse() {
                  kMaxTensorName);
         }
         ti.name = std::string(name);
-        const char * tn = ti.name.c_str();
+        const std::string tn_text = printable(name);  // names may hold control bytes: never print them raw
+        const char * tn = tn_text.c_str();
         ti.n_dims = c.read<uint32_t>("a tensor rank");
         if (ti.n_dims == 0 || ti.n_dims > GGML_MAX_DIMS) {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: tensor '%s' has %u dimensions (1 to %d allowed)", tn, ti.n_dims,
@@ -304,13 +330,13 @@ void GgufFile::parse() {
     for (GgufTensorInfo & ti : tensors_) {
         uint64_t begin, end;
         if (__builtin_add_overflow(data_offset_, ti.offset, &begin) || __builtin_add_overflow(begin, ti.nbytes, &end)) {
-            fail(DSV4_ERR_CORRUPT, "corrupt GGUF: tensor '%s' data offset overflows", ti.name.c_str());
+            fail(DSV4_ERR_CORRUPT, "corrupt GGUF: tensor '%s' data offset overflows", printable(ti.name).c_str());
         }
         if (end > size_) {
             const bool absurd = end > kAbsurdBytes;
             fail(absurd ? DSV4_ERR_CORRUPT : DSV4_ERR_TRUNCATED,
                  "%s GGUF: tensor '%s' data [%llu, %llu) extends past the end of the file (%llu bytes)",
-                 absurd ? "corrupt" : "truncated", ti.name.c_str(), (unsigned long long) begin,
+                 absurd ? "corrupt" : "truncated", printable(ti.name).c_str(), (unsigned long long) begin,
                  (unsigned long long) end, (unsigned long long) size_);
         }
         ti.offset = begin;

@@ -23,6 +23,9 @@ enum class GgufType : uint32_t {
 
 const char * gguf_type_name(GgufType type);
 
+// `s` made safe for an error message: bytes outside printable ASCII become '?', cut at 80.
+std::string printable(std::string_view s);
+
 struct GgufValue {
     GgufType type = GgufType::U8;
     GgufType elem_type = GgufType::U8;       // arrays only

@@ -1,8 +1,13 @@
 #include "model.h"
 
+#include "backend.h"
 #include "binder.h"
 #include "error.h"
 #include "hparams.h"
+
+#include "ggml-alloc.h"
+
+#include <cstdlib>
 
 #include <algorithm>
 
@@ -69,26 +74,79 @@ void check_tid2eid(const dsv4_hparams & hp, const Weights & w, const GgufFile & 
     }
 }
 
-// Reads every weight page (so the first tokens do not stall on page faults) and reports
-// progress by bytes; without `prefetch`, only reports progress.
-void prefetch_weights(const GgufFile & f, const std::vector<WeightBinder::Bound> & bound, const dsv4_model_params & p) {
+// "blk.N.<...>" -> N; -1 for the global tensors.
+int layer_of(const std::string & name) {
+    if (name.compare(0, 4, "blk.") != 0) {
+        return -1;
+    }
+    return std::atoi(name.c_str() + 4);
+}
+
+// Gives every weight its memory: host weights are the mapped file itself (read in place);
+// device weights (backend CUDA, backend.h) get a device buffer and are uploaded. Progress is
+// reported by bytes over both; `prefetch` also reads every host page now, so that the first
+// tokens do not stall on page faults.
+void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
+    const GgufFile & f = *m.file;
+    const dsv4_model_params & p = m.params;
+    uint8_t * base = const_cast<uint8_t *>(f.map());
+
+    m.weights_buf = ggml_backend_cpu_buffer_from_ptr(base, size_t(f.file_size()));
+    if (m.weights_buf == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a backend buffer");
+    }
+    ggml_backend_buffer_set_usage(m.weights_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+
+    std::vector<bool> on_device(bound.size());
+    size_t device_bytes = 0;
+    ggml_backend_buffer_type_t buft = device_buffer_type(p.backend);
+    for (size_t i = 0; i < bound.size(); ++i) {
+        on_device[i] = weight_on_device(p, m.hp, bound[i].info->name, layer_of(bound[i].info->name));
+        if (on_device[i]) {
+            device_bytes += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor),
+                                     ggml_backend_buft_get_alignment(buft));
+        } else if (ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) !=
+                   GGML_STATUS_SUCCESS) {
+            fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
+        }
+    }
+    if (device_bytes > 0) {
+        m.device_buf = ggml_backend_buft_alloc_buffer(buft, device_bytes);
+        if (m.device_buf == nullptr) {
+            fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of device memory for the weights (lower n_gpu_layers "
+                 "or keep the experts on the host)", double(device_bytes) / 1048576.0);
+        }
+        ggml_backend_buffer_set_usage(m.device_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        ggml_tallocr ta = ggml_tallocr_new(m.device_buf);
+        for (size_t i = 0; i < bound.size(); ++i) {
+            if (on_device[i] && ggml_tallocr_alloc(&ta, bound[i].tensor) != GGML_STATUS_SUCCESS) {
+                fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s' in device memory", bound[i].info->name.c_str());
+            }
+        }
+    }
+
+    if (device_bytes == 0 && !p.prefetch && p.progress == nullptr) {
+        return;
+    }
     uint64_t total = 0, done = 0;
     for (const WeightBinder::Bound & b : bound) {
         total += b.info->nbytes;
     }
     if (p.prefetch) {
-        madvise(const_cast<uint8_t *>(f.map()), size_t(f.file_size()), MADV_WILLNEED);
+        madvise(base, size_t(f.file_size()), MADV_WILLNEED);
     }
     const long page = sysconf(_SC_PAGESIZE);
     volatile uint8_t sink = 0;
-    for (const WeightBinder::Bound & b : bound) {
-        if (p.prefetch) {
-            const uint8_t * data = f.map() + b.info->offset;
-            for (uint64_t o = 0; o < b.info->nbytes; o += uint64_t(page)) {
-                sink = sink + data[o];
+    for (size_t i = 0; i < bound.size(); ++i) {
+        const GgufTensorInfo & ti = *bound[i].info;
+        if (on_device[i]) {
+            ggml_backend_tensor_set(bound[i].tensor, base + ti.offset, 0, ti.nbytes);
+        } else if (p.prefetch) {
+            for (uint64_t o = 0; o < ti.nbytes; o += uint64_t(page)) {
+                sink = sink + base[ti.offset + o];
             }
         }
-        done += b.info->nbytes;
+        done += ti.nbytes;
         if (p.progress != nullptr && !p.progress(total ? float(double(done) / double(total)) : 1.0f, p.progress_data)) {
             fail(DSV4_ERR_CANCELLED, "loading '%s' was cancelled", f.path().c_str());
         }
@@ -124,22 +182,7 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
     binder.check_all_used();
     check_tid2eid(m->hp, m->weights, f, binder.bound());
 
-    if (params.prefetch || params.progress != nullptr) {
-        prefetch_weights(f, binder.bound(), params);
-    }
-
-    // CPU: the weights are the mapped file itself, read in place
-    m->weights_buf = ggml_backend_cpu_buffer_from_ptr(const_cast<uint8_t *>(f.map()), size_t(f.file_size()));
-    if (m->weights_buf == nullptr) {
-        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a backend buffer");
-    }
-    ggml_backend_buffer_set_usage(m->weights_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    for (const WeightBinder::Bound & b : binder.bound()) {
-        if (ggml_backend_tensor_alloc(m->weights_buf, b.tensor, const_cast<uint8_t *>(f.map()) + b.info->offset) !=
-            GGML_STATUS_SUCCESS) {
-            fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", b.info->name.c_str());
-        }
-    }
+    place_weights(*m, binder.bound());
 
     // what a saved state must match: hparams, the tensor table and a sample of every tensor's
     // data (two files with the same shapes but other weights are other models)
@@ -170,6 +213,9 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
 }  // namespace dsv4
 
 dsv4_model::~dsv4_model() {
+    if (device_buf != nullptr) {
+        ggml_backend_buffer_free(device_buf);
+    }
     if (weights_buf != nullptr) {
         ggml_backend_buffer_free(weights_buf);
     }

@@ -1,5 +1,7 @@
 #include "session.h"
 
+#include "backend.h"
+
 #include "blocks.h"
 #include "error.h"
 
@@ -127,7 +129,9 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     g->graph = ggml_new_graph_custom(g->ctx, max_nodes, false);
     g->step = std::make_unique<Step>(g->ctx, hp, s.layers, s.plan);
     Step & st = *g->step;
-    st.flash_attn = s.params.flash_attn;
+    // our flash-attention form (F32 keys, attention sinks) is a CPU path; CUDA uses the
+    // matmul + softmax form, which ggml-cuda covers for every head size
+    st.flash_attn = s.params.flash_attn && s.cpu == nullptr;
 
     ggml_tensor * X = embed(st, m.weights);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
@@ -160,8 +164,11 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     for (ggml_tensor * t : st.deferred()) {
         ggml_build_forward_expand(g->graph, t);
     }
-    ggml_backend_t backends[1] = {s.backend};
-    g->sched = ggml_backend_sched_new(backends, nullptr, 1, max_nodes, false, false);
+    // the scheduler runs each op on the backend of its weights; the CPU comes last (CUDA
+    // sessions: routed experts kept in host memory run there)
+    ggml_backend_t backends[2] = {s.backend, s.cpu};
+    const int n_backends = s.cpu != nullptr ? 2 : 1;
+    g->sched = ggml_backend_sched_new(backends, nullptr, n_backends, max_nodes, false, false);
     if (g->sched == nullptr) {
         fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
     }
@@ -273,11 +280,21 @@ void check_cache_type(const dsv4_hparams & hp, int32_t type) {
 
 uint64_t state_bytes(const dsv4_hparams & hp, int64_t n_ctx, int32_t cache_type) {
     check_cache_type(hp, cache_type);
+    // the sizes come from the file's hyperparameters (head dims, sliding window): with hostile
+    // values they overflow 64 bits, and ggml would size a tensor by the wrapped-around product
     uint64_t total = 0;
+    bool overflow = false;
     for_each_state_tensor(hp, n_ctx, ggml_type(cache_type),
                           [&](uint32_t, const char *, ggml_type type, int64_t ne0, int64_t ne1) {
-        total += GGML_PAD(ggml_row_size(type, ne0) * uint64_t(ne1), 32);
+        uint64_t bytes = 0;
+        overflow = overflow || __builtin_mul_overflow(uint64_t(ggml_row_size(type, ne0)), uint64_t(ne1), &bytes) ||
+                   bytes > (uint64_t(1) << 62) || __builtin_add_overflow(total, GGML_PAD(bytes, 32), &total);
     });
+    if (overflow || total > (uint64_t(1) << 62)) {
+        fail(DSV4_ERR_OUT_OF_MEMORY,
+             "the session state for n_ctx %lld would need more than 2^62 bytes (attention.key_length %u, "
+             "attention.sliding_window %u)", (long long) n_ctx, unsigned(hp.head_dim), unsigned(hp.n_swa));
+    }
     return total;
 }
 
@@ -300,11 +317,10 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     s->params.n_threads = params.n_threads > 0 ? params.n_threads : (model->params.n_threads > 0
                                                                         ? model->params.n_threads : default_threads());
 
-    s->backend = ggml_backend_cpu_init();
-    if (s->backend == nullptr) {
-        fail(DSV4_ERR_BACKEND, "cannot initialise the CPU backend");
+    s->backend = make_backend(model->params.backend, s->params.n_threads);
+    if (model->params.backend != DSV4_BACKEND_CPU) {
+        s->cpu = make_backend(DSV4_BACKEND_CPU, s->params.n_threads);
     }
-    ggml_backend_cpu_set_n_threads(s->backend, s->params.n_threads);
 
     // state tensors, sized from n_ctx and the compress ratios (§4.1)
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
@@ -316,7 +332,7 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     const size_t n_tensors = size_t(hp.n_layer) * 7 + 1;
     s->ctx_state = ggml_init({ggml_tensor_overhead() * n_tensors, nullptr, true});
     s->layers.resize(hp.n_layer);
-    check_cache_type(hp, params.cache_type);
+    state_bytes(hp, params.n_ctx, params.cache_type);  // checks the cache type, and that the sizes do not overflow
     for_each_state_tensor(hp, params.n_ctx, ggml_type(params.cache_type),
                           [&](uint32_t il, const char * name, ggml_type type, int64_t ne0, int64_t ne1) {
         LayerState & L = s->layers[il];
@@ -541,6 +557,9 @@ dsv4_session::~dsv4_session() {
     }
     if (ctx_state != nullptr) {
         ggml_free(ctx_state);
+    }
+    if (cpu != nullptr) {
+        ggml_backend_free(cpu);
     }
     if (backend != nullptr) {
         ggml_backend_free(backend);

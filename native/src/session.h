@@ -35,7 +35,8 @@ struct CachedGraph {
 struct dsv4_session {
     dsv4_model * model = nullptr;
     dsv4_session_params params{};
-    ggml_backend_t backend = nullptr;
+    ggml_backend_t backend = nullptr;  // the backend of the state and of most ops (CPU or CUDA)
+    ggml_backend_t cpu = nullptr;      // CUDA sessions: the CPU, for weights kept in host memory
 
     // persistent state (§4.1)
     ggml_context * ctx_state = nullptr;

@@ -1,0 +1,73 @@
+#include "backend.h"
+
+#include "error.h"
+#include "ggml-cpu.h"
+
+#ifdef DSV4_WITH_CUDA
+#include "ggml-cuda.h"
+#endif
+
+namespace dsv4 {
+
+ggml_backend_t make_backend(int32_t kind, int n_threads) {
+    if (kind == DSV4_BACKEND_CPU) {
+        ggml_backend_t b = ggml_backend_cpu_init();
+        if (b == nullptr) {
+            fail(DSV4_ERR_BACKEND, "cannot initialise the CPU backend");
+        }
+        ggml_backend_cpu_set_n_threads(b, n_threads);
+        return b;
+    }
+#ifdef DSV4_WITH_CUDA
+    if (kind == DSV4_BACKEND_CUDA) {
+        if (ggml_backend_cuda_get_device_count() < 1) {
+            fail(DSV4_ERR_BACKEND, "no CUDA device is available");
+        }
+        ggml_backend_t b = ggml_backend_cuda_init(0);
+        if (b == nullptr) {
+            fail(DSV4_ERR_BACKEND, "cannot initialise CUDA device 0");
+        }
+        return b;
+    }
+#endif
+    fail(DSV4_ERR_BACKEND, "backend %d is not available in this build", int(kind));
+}
+
+ggml_backend_buffer_type_t device_buffer_type(int32_t kind) {
+    if (kind == DSV4_BACKEND_CPU) {
+        return ggml_backend_cpu_buffer_type();
+    }
+#ifdef DSV4_WITH_CUDA
+    if (kind == DSV4_BACKEND_CUDA) {
+        if (ggml_backend_cuda_get_device_count() < 1) {
+            fail(DSV4_ERR_BACKEND, "backend cuda: no CUDA device is available");
+        }
+        return ggml_backend_cuda_buffer_type(0);
+    }
+#endif
+    if (kind == DSV4_BACKEND_CUDA) {
+        fail(DSV4_ERR_BACKEND, "backend cuda: this build of dsv4-ggml has no CUDA support (rebuild with "
+             "-DDSV4_CUDA=ON, see README)");
+    }
+    fail(DSV4_ERR_BACKEND, "unknown backend %d", int(kind));
+}
+
+bool weight_on_device(const dsv4_model_params & p, const dsv4_hparams & hp, const std::string & name, int il) {
+    if (p.backend == DSV4_BACKEND_CPU) {
+        return false;  // the CPU reads the mapped file in place
+    }
+    if (name == "token_embd.weight") {
+        return false;  // a row per token: read from host memory
+    }
+    const uint32_t n_gpu = p.n_gpu_layers < 0 ? hp.n_layer_all : uint32_t(p.n_gpu_layers);
+    if (il < 0) {
+        return n_gpu >= hp.n_layer;  // the output head goes with the last layer
+    }
+    if (uint32_t(il) >= n_gpu) {
+        return false;
+    }
+    const bool routed_expert = name.find("_exps.") != std::string::npos;
+    return !(routed_expert && p.experts_on_host);
+}
+
+}  // namespace dsv4
