@@ -35,11 +35,23 @@ class _ProgressBar:
         return True
 
 
-def _open_model(path: str, ctx: int, threads: int | None, prefetch: bool = True):
+def _backend_args(p) -> None:
+    p.add_argument("--backend", default="cpu", choices=("cpu", "cuda"), help="compute backend (default cpu)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
+                   help="CUDA: trunk layers whose weights go to the GPU (default: all)")
+    p.add_argument("--experts-on-host", action="store_true",
+                   help="CUDA: keep the routed experts in host memory and run them on the CPU")
+
+
+def _backend_kwargs(args) -> dict:
+    return dict(backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host)
+
+
+def _open_model(path: str, ctx: int, threads: int | None, prefetch: bool = True, **kwargs):
     from .model import Model
 
     bar = _ProgressBar(f"loading {os.path.basename(path)}")
-    m = Model(path, n_ctx=ctx, n_threads=threads, prefetch=prefetch, progress=bar)
+    m = Model(path, n_ctx=ctx, n_threads=threads, prefetch=prefetch, progress=bar, **kwargs)
     if not bar.tty:
         print(f"loaded {os.path.basename(path)}", file=sys.stderr)
     return m
@@ -54,6 +66,7 @@ def _sampling_args(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("-c", "--ctx", type=int, default=4096, help="context length (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    _backend_args(p)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -153,7 +166,7 @@ def cmd_run(args) -> int:
         print(f"(no -m given: using the embedded tiny DeepSeek-V4 model, random weights: {path})",
               file=sys.stderr)
     t0 = time.perf_counter()
-    m = _open_model(path, args.ctx, args.threads)
+    m = _open_model(path, args.ctx, args.threads, **_backend_kwargs(args))
     ids = m.tokenize(args.prompt)
     t_load = time.perf_counter() - t0
     sys.stdout.write(args.prompt)
@@ -179,7 +192,7 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     path = args.model or _default_model()
-    m = _open_model(path, args.ctx, args.threads)
+    m = _open_model(path, args.ctx, args.threads, **_backend_kwargs(args))
     interactive = sys.stdin.isatty()
     messages: list[dict] = []
     if args.system:
@@ -226,6 +239,17 @@ def cmd_version(args) -> int:
 
     print(f"dsv4-ggml {__version__}; native: {_native.version()}")
     return 0
+
+
+def _lazy(module: str, parser) -> None:
+    """Adds the options of dsv4_ggml.<module> (add_arguments / run_args or run); the module is
+    imported when the parser is built, its heavy dependencies only when it runs."""
+    import importlib
+
+    mod = importlib.import_module(f".{module}", __package__)
+    mod.add_arguments(parser)
+    runner = getattr(mod, "run_args", None) or mod.run
+    parser.set_defaults(fn=runner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,10 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     b.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
     b.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")
+    _backend_args(b)
     b.add_argument("--bandwidth", type=float, default=None,
                    help="measured memory read bandwidth in GB/s (benchmarks/membw) for the floor")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(fn=lambda a: __import__("dsv4_ggml.bench", fromlist=["main_args"]).main_args(a))
+
+    sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                        description="Serve /v1/completions, /v1/chat/completions (SSE streaming) and "
+                                    "/v1/models. Requests are queued and run one at a time.")
+    _lazy("server", sv)
+
+    cv = sub.add_parser("convert", help="convert an official DeepSeek-V4 checkpoint (safetensors) to GGUF",
+                        description="Convert the official FP8/FP4 safetensors checkpoint into a GGUF in "
+                                    "llama.cpp's DeepSeek-V4 format, one tensor at a time.")
+    _lazy("convert", cv)
 
     v = sub.add_parser("version", help="print versions", description="Print versions.")
     v.set_defaults(fn=cmd_version)
