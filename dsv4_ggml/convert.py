@@ -18,8 +18,10 @@ blocks ragged, grid `ceil(out/128) x ceil(in/128)`); FP4 e2m1 routed experts, tw
 float32.
 
 Output types:
-* `outtype` (f32, bf16, f16, q8_0): token_embd, output, the attention projections, the indexer query,
-  the shared expert and MTP eh_proj (Q8_0 rows whose length is not a multiple of 32 fall back to F16).
+* `outtype` (f32, bf16, f16, q8_0, q4_k, q2_k): token_embd, output, the attention projections, the
+  indexer query, the shared expert and MTP eh_proj. Rows a type's blocks do not fit fall back to Q8_0
+  (K-quants: 256 values per block), then F16 (Q8_0: 32), as llama-quantize does. K-quants use ggml's
+  own quantizers through our library.
 * routed experts: `experts="auto"` = lossless MXFP4 repack when the checkpoint's experts are FP4 and
   `outtype` is not f32, else `outtype`; `"mxfp4"` forces the repack; any outtype name forces that type.
 * always F32: 1-D tensors, `hc_*`, `*_ape`, the router `ffn_gate_inp`, `exp_probs_b`.
@@ -56,11 +58,12 @@ from .errors import (BadKeyError, CancelledError, CorruptFileError, FileError, I
                      UnexpectedTensorError)
 from .tiny import ARCH
 
-OUTTYPES = ("f32", "bf16", "f16", "q8_0")
+OUTTYPES = ("f32", "bf16", "f16", "q8_0", "q4_k", "q2_k")
 EXPERT_TYPES = ("auto", "mxfp4") + OUTTYPES
 
 T = GGMLQuantizationType
-_GTYPE = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "mxfp4": T.MXFP4}
+_GTYPE = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_k": T.Q4_K, "q2_k": T.Q2_K,
+          "mxfp4": T.MXFP4}
 
 # gguf TokenType values (llama.cpp)
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
@@ -414,7 +417,18 @@ def _encode(x: np.ndarray, gtype: GGMLQuantizationType, name: str) -> np.ndarray
         return x.astype(np.float16)
     if gtype in (T.BF16, T.Q8_0):
         return gguf_quants.quantize(np.ascontiguousarray(x, dtype=np.float32), gtype)
+    if gtype in (T.Q4_K, T.Q2_K):       # ggml's own K-quant quantizers, through our library
+        from .quantize import quantize
+        return quantize(x, gtype)
     raise InternalError(f"no encoder for {gtype.name}")
+
+
+def _fit(g: GGMLQuantizationType, row_len: int) -> GGMLQuantizationType:
+    """`g`, or for rows its blocks do not fit, Q8_0 and then F16 (as llama-quantize falls back)."""
+    for cand in (g, T.Q8_0, T.F16):
+        if cand in (T.F32, T.F16, T.BF16) or row_len % GGML_QUANT_SIZES[cand][0] == 0:
+            return cand
+    return T.F16
 
 
 def _nbytes(shape: tuple[int, ...], gtype: GGMLQuantizationType) -> int:
@@ -672,11 +686,8 @@ class _Planner:
     items: list[_Item] = field(default_factory=list)
 
     # --- output types
-    def _w_type(self, row_len: int) -> GGMLQuantizationType:
-        g = _GTYPE[self.outtype]
-        if g == T.Q8_0 and row_len % 32:
-            return T.F16
-        return g
+    def _w_type(self, row_len: int, name: str | None = None) -> GGMLQuantizationType:
+        return _fit(_GTYPE[name or self.outtype], row_len)
 
     def _hp_type(self, src: _Source) -> GGMLQuantizationType:
         if self.outtype in ("f32", "f16"):
@@ -759,9 +770,7 @@ class _Planner:
                 raise InvalidArgumentError(f"experts='mxfp4' needs FP4 routed experts; '{bad.name}' is {bad.dtype}")
             gtype = T.MXFP4
         else:
-            gtype = self._w_type(n_in) if self.experts == "auto" else _GTYPE[self.experts]
-            if gtype == T.Q8_0 and n_in % 32:
-                gtype = T.F16
+            gtype = self._w_type(n_in, None if self.experts == "auto" else self.experts)
 
         def produce(srcs=srcs, gtype=gtype, gname=gname):
             for src in srcs:     # one expert at a time, in id order (E is the slowest axis)

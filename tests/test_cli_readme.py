@@ -1,6 +1,7 @@
 """The README's Python snippets run as written; the CLI commands work end to end."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,14 +18,24 @@ def readme_python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
+def _absolute_pythonpath(monkeypatch) -> None:
+    """Child processes run in a temporary directory: a relative PYTHONPATH (a checkout run with
+    PYTHONPATH=.) must not change meaning there."""
+    if os.environ.get("PYTHONPATH"):
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(os.path.abspath(p) for p in
+                                                         os.environ["PYTHONPATH"].split(os.pathsep) if p))
+
+
 def test_readme_python_snippets_run(tmp_path, monkeypatch, capsys):
     blocks = readme_python_blocks()
     assert blocks, "README has no python snippet"
+    _absolute_pythonpath(monkeypatch)
     monkeypatch.chdir(tmp_path)
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
-    assert "True" in out.splitlines()[-1]
+    assert "True" in out.splitlines(), out          # the reference check of the API snippet
+    assert "The quick brown fox" in out.splitlines()
 
 
 def run(*args, **kw):
@@ -61,7 +72,23 @@ def test_cli_reports_a_bad_file_without_a_traceback(tmp_path):
     assert "NotGGUFError" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("cmd", ["run", "tiny", "inspect", "generate", "version"])
+def test_readme_cli_tour_runs(tmp_path, monkeypatch):
+    """The README's bash tour, line by line (`dsv4-ggml` run as `python -m dsv4_ggml.cli`)."""
+    _absolute_pythonpath(monkeypatch)
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "dsv4-ggml tiny tiny.gguf" in b)
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(lines) >= 5
+    exe = " ".join(CLI)
+    for ln in lines:
+        r = subprocess.run(ln.replace("dsv4-ggml", exe), shell=True, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, f"{ln}\n{r.stdout}\n{r.stderr}"
+        assert "Traceback" not in r.stderr, ln
+
+
+@pytest.mark.parametrize("cmd", ["run", "chat", "serve", "bench", "convert", "tiny", "inspect", "generate",
+                                 "version"])
 def test_every_subcommand_has_help(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout

@@ -51,7 +51,13 @@ OUTTYPE_BOUNDS = {
     ("f16", "f16"): (1.2e-3, 7.8e-4),
     ("q8_0", "auto"): (4.5e-2, 3.5e-2),
     ("q8_0", "q8_0"): (4.5e-2, 3.7e-2),
+    # K-quants of the Gaussian tiny weights (every projection, not only experts as real q2/q4 files
+    # do): the weights' own rounding dominates. Their engine-vs-reference agreement on the same file
+    # is asserted separately (K_QUANT_REF_BOUND).
+    ("q4_k", "auto"): (0.45, 0.33),
+    ("q2_k", "auto"): (1.5, 1.13),
 }
+K_QUANT_REF_BOUND = 5e-2   # engine vs the float64 reference on the same K-quant file (tests/test_quant.py)
 
 
 def rel_err(a, ref):
@@ -541,10 +547,14 @@ def test_lossless_conversions_give_identical_reference_logits(smooth, outtype, e
 def test_outtype_logit_error_vs_f32_conversion(smooth, f32_engine_logits, outtype, experts):
     path = smooth["root"] / f"{outtype}-{experts}.gguf"
     st = _convert(smooth["ckpt"], path, outtype=outtype, experts=experts)
-    types = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    tensors = GGUFReader(str(path)).tensors
+    types = {t.name: t.tensor_type.name for t in tensors}
+    row = {t.name: int(t.shape[0]) for t in tensors}
     # experts="auto" with FP4 experts: the lossless MXFP4 repack
     assert types["blk.1.ffn_gate_exps.weight"] == ("MXFP4" if experts == "auto" else experts.upper())
-    assert types["blk.1.attn_q_b.weight"] == outtype.upper()
+    # K-quant blocks hold 256 values: shorter rows fall back to Q8_0 (as llama-quantize does)
+    k_fallback = outtype in ("q4_k", "q2_k") and row["blk.1.attn_q_b.weight"] % 256
+    assert types["blk.1.attn_q_b.weight"] == ("Q8_0" if k_fallback else outtype.upper())
     assert types["token_embd.weight"] == outtype.upper()
     assert types["blk.1.hc_attn_fn.weight"] == types["blk.1.ffn_gate_inp.weight"] == "F32"
     assert types["blk.1.attn_compressor_ape.weight"] == types["blk.2.exp_probs_b.bias"] == "F32"
@@ -560,7 +570,12 @@ def test_outtype_logit_error_vs_f32_conversion(smooth, f32_engine_logits, outtyp
           f"over {N_TOKENS} tokens: worst {err.max():.2e} (measured {measured:.1e}), median {np.median(err):.2e}, "
           f"argmax {agree:.1%}")
     assert err.max() < bound
-    assert agree > 0.9
+    if outtype in ("q4_k", "q2_k"):
+        ref_err = rel_err(got, Reference(path).eval(smooth["toks"]))
+        print(f"  {outtype}: engine vs the float64 reference on this file: worst {ref_err.max():.2e}")
+        assert ref_err.max() < K_QUANT_REF_BOUND
+    else:
+        assert agree > 0.9
 
 
 # ------------------------------------------------------------------------------------------------
@@ -840,7 +855,7 @@ def test_truncated_shard(broken, tmp_path):
 
 def test_bad_options_and_config(broken, tmp_path):
     _expect(broken, tmp_path, InvalidArgumentError, "outtype", outtype="q4_0")
-    _expect(broken, tmp_path, InvalidArgumentError, "experts", experts="q2_k")
+    _expect(broken, tmp_path, InvalidArgumentError, "experts", experts="iq2_xxs")
     _expect(broken, tmp_path, InvalidArgumentError, "num_nextn_predict_layers", mtp=True)
     cfg = json.loads((broken / "config.json").read_text())
     cfg["scoring_func"] = "softmax"

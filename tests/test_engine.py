@@ -5,6 +5,7 @@ Tolerance (F32 weights): max|Δ| / max|ref| < 1e-4 at every position, identical 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,12 +16,14 @@ from dsv4_ggml.reference import Reference
 from dsv4_ggml.tiny import write_tiny_model
 
 TOL = 1e-4
+# DSV4_TEST_BACKEND=cuda runs these tests on the GPU (a CUDA build; benchmarks/gpu_check.sh)
+BACKEND = os.environ.get("DSV4_TEST_BACKEND", "cpu")
 
 
 def engine(path, **kw):
     """The engine with F32 caches: the 1e-4 comparisons need them (F16, the default, rounds the
     cached keys; tests/test_quant.py bounds that)."""
-    return dsv4_ggml.Model(path, cache_type=kw.pop("cache_type", "f32"), **kw)
+    return dsv4_ggml.Model(path, cache_type=kw.pop("cache_type", "f32"), backend=BACKEND, **kw)
 
 # Together: compress ratios 0/4/128, hash and score routing, indexer top-k far below the number
 # of compressed blocks (175 at 700 tokens), windows that are not a multiple of the ratios.
