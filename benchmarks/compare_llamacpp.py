@@ -67,16 +67,30 @@ def membw(threads: int, build_dir: Path) -> float:
     return float(re.search(r"best ([0-9.]+) GB/s", out).group(1))
 
 
+NO_REPACK: list[str] = []   # becomes ["--repack", "0"] once llama-bench aborts with its repacked weights
+
+
 def llama_bench(exe: Path, model: Path, threads: int, n_prompt: int, n_gen: int, depth: int, reps: int) -> dict:
+    """llama-bench's t/s. On CPUs where its extra (repacked / AMX) weight buffers cannot run the
+    DeepSeek-V4 graph, llama.cpp aborts in the scheduler (GGML_ASSERT(*cur_backend_id != -1), seen
+    on a Sapphire Rapids host with AMX): then it is run, and reported, with `--repack 0`."""
     cmd = [str(exe), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
            "-d", str(depth), "-r", str(reps), "-o", "json"]
-    res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    r = subprocess.run(cmd + NO_REPACK, capture_output=True, text=True)
+    if r.returncode != 0 and not NO_REPACK:
+        print("llama-bench aborted with repacked weights; running it with --repack 0 "
+              f"({(r.stderr.strip().splitlines() or ['?'])[0][:160]})")
+        NO_REPACK.extend(["--repack", "0"])
+        r = subprocess.run(cmd + NO_REPACK, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"llama-bench failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    res = json.loads(r.stdout)
     return {(r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in res}
 
 
 def llama_graph_nodes(exe: Path, model: Path, threads: int) -> int | None:
     """llama.cpp's graph node count, from its scheduler's debug log."""
-    out = subprocess.run([str(exe), "-m", str(model), "-t", str(threads), "-p", "0", "-n", "1", "-r", "1", "-v"],
+    out = subprocess.run([str(exe), "-m", str(model), "-t", str(threads), "-p", "0", "-n", "1", "-r", "1", "-v", *NO_REPACK],
                          capture_output=True, text=True, errors="replace", env=dict(os.environ, GGML_SCHED_DEBUG="1"))
     m = re.search(r"graph: nodes = (\d+)", out.stdout + out.stderr)
     return int(m.group(1)) if m else None
