@@ -181,7 +181,8 @@ def main_args(args) -> int:
         raise SystemExit(f"unknown cache type {args.cache_type}")
     out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
                     args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
-                    backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host)
+                    backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
+                    repack=not args.no_repack)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:

@@ -41,10 +41,13 @@ def _backend_args(p) -> None:
                    help="CUDA: trunk layers whose weights go to the GPU (default: all)")
     p.add_argument("--experts-on-host", action="store_true",
                    help="CUDA: keep the routed experts in host memory and run them on the CPU")
+    p.add_argument("--no-repack", action="store_true",
+                   help="CPU: read every weight in place (no repacked copy of the non-expert matrices)")
 
 
 def _backend_kwargs(args) -> dict:
-    return dict(backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host)
+    return dict(backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
+                repack=not args.no_repack)
 
 
 def _open_model(path: str, ctx: int, threads: int | None, prefetch: bool = True, **kwargs):

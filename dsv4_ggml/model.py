@@ -61,12 +61,15 @@ class Model:
     `n_gpu_layers` trunk layers (None: all, with the output head) in device memory and runs
     their ops there; `experts_on_host=True` keeps the routed experts in host memory, where
     the CPU runs them (a model larger than the card). The token embedding stays on the host.
+    On the CPU, `repack=True` copies the quantized attention, shared-expert and output-head
+    matrices into ggml's interleaved layout at load (faster decode); routed experts and every
+    other weight are read from the mapped file in place.
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
                  backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
                  flash_attn: bool = True, prefetch: bool = False, progress=None,
-                 n_gpu_layers: int | None = None, experts_on_host: bool = False):
+                 n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool = True):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
@@ -95,6 +98,7 @@ class Model:
         params.prefetch = bool(prefetch)
         params.n_gpu_layers = -1 if n_gpu_layers is None else n_gpu_layers
         params.experts_on_host = bool(experts_on_host)
+        params.repack = bool(repack)
         callback = None
         if progress is not None:
             if not callable(progress):

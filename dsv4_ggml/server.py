@@ -687,7 +687,8 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
           n_threads: int | None = None, api_key: str | list[str] | None = None, model_id: str | None = None,
           backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16", flash_attn: bool = True,
           default_max_tokens: int | None = None, cors_origins: list[str] | None = None,
-          log_level: str = "info", n_gpu_layers: int | None = None, experts_on_host: bool = False) -> None:
+          log_level: str = "info", n_gpu_layers: int | None = None, experts_on_host: bool = False,
+          repack: bool = True) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C / SIGTERM). `model_path` None:
     the embedded tiny random model (a demo)."""
     _require_deps()
@@ -702,7 +703,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
     try:
         model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, backend=backend, n_ubatch=n_ubatch,
                       cache_type=cache_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-                      experts_on_host=experts_on_host)
+                      experts_on_host=experts_on_host, repack=repack)
         _ = (model.tokenizer, model.chat_template)     # build both now, not in the first request
     finally:
         if temporary:     # loaded (mapped) already; uvicorn ends a SIGTERM by the signal, so no atexit
@@ -746,6 +747,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: trunk layers whose weights go to the GPU (default: all)")
     parser.add_argument("--experts-on-host", action="store_true",
                         help="CUDA: keep the routed experts in host memory and run them on the CPU")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="CPU: read every weight in place (no repacked copy of the non-expert matrices)")
     parser.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     parser.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
     parser.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")
@@ -767,7 +770,8 @@ def run(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads, api_key=keys,
           model_id=args.alias, backend=args.backend, n_ubatch=args.ubatch, cache_type=args.cache_type,
           flash_attn=not args.no_flash_attn, default_max_tokens=args.n_predict, cors_origins=args.cors_origin,
-          log_level=args.log_level, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host)
+          log_level=args.log_level, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
+          repack=not args.no_repack)
     return 0
 
 

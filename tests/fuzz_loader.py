@@ -224,11 +224,12 @@ def CustomMutator(data: bytes, max_size: int, seed: int) -> bytes:
     except Exception:   # not parseable (a mutant): byte-level only
         return atheris.Mutate(data, max_size)
     kw = {}
-    for _ in range(rng.choice((1, 1, 1, 2, 3))):
-        kw.update(_mutate_structure(g, rng))
     try:
+        for _ in range(rng.choice((1, 1, 1, 2, 3))):
+            kw.update(_mutate_structure(g, rng))
         out = hostile.serialize(g, **kw)[0]
-    except (struct.error, OverflowError, ValueError, MemoryError):   # e.g. an alignment of 2^31: padding
+    except Exception:   # the mutator's own limits (a value its type cannot hold, a float alignment, a 2^31
+        # padding): not a finding about the loader, so mutate the bytes instead
         return atheris.Mutate(data, max_size)
     return out if len(out) <= max_size else atheris.Mutate(data, max_size)
 

@@ -66,6 +66,21 @@ def test_quantized_weights_within_measured_bound(tmp_path, prompt, wtype):
     assert agree > 0.9
 
 
+@pytest.mark.parametrize("wtype", ["q4_k", "q2_k"])
+def test_repacked_and_in_place_weights_both_within_bound(tmp_path, prompt, wtype):
+    """repack=True (default) copies the non-expert matrices into ggml's interleaved layout, whose
+    kernels differ (other summation order): both layouts stay within the type's bound."""
+    path = tmp_path / f"{wtype}.gguf"
+    write_tiny_model(path, seed=0, weight_type=wtype, **SMOOTH)
+    ref = Reference(path).eval(prompt)
+    got = {rp: dsv4_ggml.Model(path, n_ctx=512, cache_type="f32", repack=rp).eval(prompt) for rp in (True, False)}
+    assert not np.array_equal(got[True], got[False]), "no matrix was repacked"
+    for rp, g in got.items():
+        err = rel_err(g, ref)
+        print(f"{wtype} repack={rp}: worst {err.max():.2e}")
+        assert err.max() < WEIGHT_BOUNDS[wtype][0]
+
+
 def test_q8_0_greedy_decode_agrees_for_64_steps(tmp_path):
     path = tmp_path / "q8.gguf"
     write_tiny_model(path, seed=0, weight_type="q8_0", **SMOOTH)

@@ -126,6 +126,8 @@ typedef struct dsv4_model_params {
     bool prefetch;             /* read every weight page now, so the first tokens do not stall */
     int32_t n_gpu_layers;      /* CUDA: trunk layers whose weights go to the device; < 0: all */
     bool experts_on_host;      /* CUDA: keep routed experts in host memory (run on the CPU) */
+    bool repack;               /* CPU: copy quantized non-expert matrices into ggml's repacked
+                                  layout (faster decode); false: read every weight in place */
     dsv4_progress_fn progress; /* optional */
     void * progress_data;
 } dsv4_model_params;

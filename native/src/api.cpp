@@ -5,7 +5,12 @@
 #include "model.h"
 #include "session.h"
 
+#include "ggml.h"
+
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
 
 #ifndef DSV4_VERSION
@@ -13,6 +18,25 @@
 #endif
 
 namespace {
+
+// ggml's own log: warnings and errors go to stderr; its info and debug lines (one per repacked
+// tensor, per allocated buffer, ...) only with DSV4_VERBOSE=1.
+void ggml_log(ggml_log_level level, const char * text, void *) {
+    static const bool verbose = std::getenv("DSV4_VERBOSE") != nullptr;
+    thread_local ggml_log_level last = GGML_LOG_LEVEL_INFO;  // CONT lines continue the previous level
+    if (level != GGML_LOG_LEVEL_CONT) {
+        last = level;
+    }
+    if (verbose || last == GGML_LOG_LEVEL_WARN || last == GGML_LOG_LEVEL_ERROR) {
+        std::fputs(text, stderr);
+    }
+}
+
+void install_ggml_log() {
+    static std::once_flag once;
+    std::call_once(once, [] { ggml_log_set(ggml_log, nullptr); });
+}
+
 
 template <typename F> dsv4_status guarded(F && fn) {
     try {
@@ -133,6 +157,7 @@ dsv4_model_params dsv4_model_default_params(void) {
     p.prefetch = false;
     p.n_gpu_layers = -1;
     p.experts_on_host = false;
+    p.repack = true;
     p.progress = nullptr;
     p.progress_data = nullptr;
     return p;
@@ -144,6 +169,7 @@ dsv4_status dsv4_model_open(const char * path, const dsv4_model_params * params,
         require(out_model, "out_model");
         *out_model = nullptr;
         const dsv4_model_params p = params ? *params : dsv4_model_default_params();
+        install_ggml_log();
         *out_model = dsv4::open_model(path, p).release();
     });
 }

@@ -3,6 +3,8 @@
 #include "error.h"
 #include "ggml-cpu.h"
 
+#include <cstring>
+
 #ifdef DSV4_WITH_CUDA
 #include "ggml-cuda.h"
 #endif
@@ -50,6 +52,53 @@ ggml_backend_buffer_type_t device_buffer_type(int32_t kind) {
              "-DDSV4_CUDA=ON, see README)");
     }
     fail(DSV4_ERR_BACKEND, "unknown backend %d", int(kind));
+}
+
+ggml_backend_buffer_type_t cpu_repack_buffer_type() {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (dev == nullptr) {
+        return nullptr;
+    }
+    auto get = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+        ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+    if (get == nullptr) {
+        return nullptr;
+    }
+    for (ggml_backend_buffer_type_t * b = get(dev); b != nullptr && *b != nullptr; ++b) {
+        if (std::strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) {
+            return *b;
+        }
+    }
+    return nullptr;
+}
+
+bool repackable(ggml_backend_buffer_type_t repack, const ggml_tensor * t, const std::string & name) {
+    if (repack == nullptr || !ggml_is_quantized(t->type)) {
+        return false;
+    }
+    // the graph's uses (native/generated/blocks.cpp): token_embd is read by GET_ROWS;
+    // attn_output_a is a 3-D batched MUL_MAT over permuted activations
+    const bool expert = name.find("_exps.") != std::string::npos;
+    if (name == "token_embd.weight" || name.find("attn_output_a") != std::string::npos ||
+        (!expert && t->ne[2] != 1)) {
+        return false;
+    }
+    // ask ggml: its repack buffer marks the tensors it has a layout for (tensor->extra)
+    ggml_tensor probe = *t;
+    probe.extra = nullptr;
+    probe.buffer = nullptr;
+    probe.data = nullptr;
+    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(repack, ggml_backend_buft_get_alignment(repack));
+    if (buf == nullptr) {
+        return false;
+    }
+    // init_tensor only reads the type and shape; the data pointer is never used
+    probe.buffer = buf;
+    probe.data = ggml_backend_buffer_get_base(buf);
+    ggml_backend_buffer_init_tensor(buf, &probe);
+    const bool ok = probe.extra != nullptr;
+    ggml_backend_buffer_free(buf);
+    return ok;
 }
 
 bool weight_on_device(const dsv4_model_params & p, const dsv4_hparams & hp, const std::string & name, int il) {

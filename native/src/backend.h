@@ -20,6 +20,15 @@ ggml_backend_t make_backend(int32_t kind, int n_threads);
 // The device buffer type of a kind (CPU: host memory).
 ggml_backend_buffer_type_t device_buffer_type(int32_t kind);
 
+// The CPU's repacking buffer type ("CPU_REPACK": weights re-laid out for faster quantized
+// matrix products), or null when this build has none.
+ggml_backend_buffer_type_t cpu_repack_buffer_type();
+
+// Whether `t` (a weight, not yet allocated) can live in `repack`: ggml repacks its type and
+// shape, and our graph uses it only as the matrix of MUL_MAT / MUL_MAT_ID with F32 activations
+// (the only ops the repacked layout supports).
+bool repackable(ggml_backend_buffer_type_t repack, const ggml_tensor * t, const std::string & name);
+
 // Whether weight `name` of layer `il` (-1: not a layer tensor) goes to the device.
 bool weight_on_device(const dsv4_model_params & p, const dsv4_hparams & hp, const std::string & name, int il);
 

@@ -83,7 +83,8 @@ int layer_of(const std::string & name) {
 }
 
 // Gives every weight its memory: host weights are the mapped file itself (read in place);
-// device weights (backend CUDA, backend.h) get a device buffer and are uploaded. Progress is
+// device weights (backend CUDA, backend.h) get a device buffer and are uploaded; on the CPU with
+// `repack`, the matrices ggml can re-lay out get a CPU_REPACK buffer instead. Progress is
 // reported by bytes over both; `prefetch` also reads every host page now, so that the first
 // tokens do not stall on page faults.
 void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
@@ -100,8 +101,21 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     std::vector<bool> on_device(bound.size());
     size_t device_bytes = 0;
     ggml_backend_buffer_type_t buft = device_buffer_type(p.backend);
+    // CPU: quantized matrices of attention, shared expert and output head are repacked into
+    // ggml's interleaved layout (faster matrix-vector products: decode); routed experts stay in
+    // the mapped file (their repacked MUL_MAT_ID is slower in prefill; benchmarks/RESULTS.md)
+    ggml_backend_buffer_type_t repack = nullptr;
+    if (p.backend == DSV4_BACKEND_CPU && p.repack) {
+        repack = cpu_repack_buffer_type();
+        buft = repack;
+    }
     for (size_t i = 0; i < bound.size(); ++i) {
-        on_device[i] = weight_on_device(p, m.hp, bound[i].info->name, layer_of(bound[i].info->name));
+        const std::string & name = bound[i].info->name;
+        if (repack != nullptr) {
+            on_device[i] = name.find("_exps.") == std::string::npos && repackable(repack, bound[i].tensor, name);
+        } else {
+            on_device[i] = weight_on_device(p, m.hp, name, layer_of(name));
+        }
         if (on_device[i]) {
             device_bytes += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor),
                                      ggml_backend_buft_get_alignment(buft));
@@ -113,6 +127,10 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     if (device_bytes > 0) {
         m.device_buf = ggml_backend_buft_alloc_buffer(buft, device_bytes);
         if (m.device_buf == nullptr) {
+            if (repack != nullptr) {
+                fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the repacked weights (repack=False reads "
+                     "them in place)", double(device_bytes) / 1048576.0);
+            }
             fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of device memory for the weights (lower n_gpu_layers "
                  "or keep the experts on the host)", double(device_bytes) / 1048576.0);
         }
@@ -141,6 +159,12 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
         const GgufTensorInfo & ti = *bound[i].info;
         if (on_device[i]) {
             ggml_backend_tensor_set(bound[i].tensor, base + ti.offset, 0, ti.nbytes);
+            // the copy is all the graph reads: release the mapped pages it came from
+            const uint64_t lo = (ti.offset + uint64_t(page) - 1) / uint64_t(page) * uint64_t(page);
+            const uint64_t hi = (ti.offset + ti.nbytes) / uint64_t(page) * uint64_t(page);
+            if (hi > lo) {
+                madvise(base + lo, size_t(hi - lo), MADV_DONTNEED);
+            }
         } else if (p.prefetch) {
             for (uint64_t o = 0; o < ti.nbytes; o += uint64_t(page)) {
                 sink = sink + base[ti.offset + o];
