@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .cli import backend_kwargs
 from .model import CACHE_TYPES, Model
 
 ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
@@ -181,8 +182,7 @@ def main_args(args) -> int:
         raise SystemExit(f"unknown cache type {args.cache_type}")
     out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
                     args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
-                    backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
-                    repack=not args.no_repack)
+                    **backend_kwargs(args))
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:

@@ -15,7 +15,7 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-class _ProgressBar:
+class ProgressBar:
     """A load progress bar on stderr (redrawn in place on a terminal, one final line otherwise)."""
 
     def __init__(self, label: str):
@@ -35,7 +35,8 @@ class _ProgressBar:
         return True
 
 
-def _backend_args(p) -> None:
+def add_backend_arguments(p) -> None:
+    """--backend, -ngl, --experts-on-host, --no-repack (run, chat, bench, serve)."""
     p.add_argument("--backend", default="cpu", choices=("cpu", "cuda"), help="compute backend (default cpu)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
                    help="CUDA: trunk layers whose weights go to the GPU (default: all)")
@@ -45,7 +46,8 @@ def _backend_args(p) -> None:
                    help="CPU: read every weight in place (no repacked copy of the non-expert matrices)")
 
 
-def _backend_kwargs(args) -> dict:
+def backend_kwargs(args) -> dict:
+    """The Model keyword arguments of add_backend_arguments' options."""
     return dict(backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
                 repack=not args.no_repack)
 
@@ -53,7 +55,7 @@ def _backend_kwargs(args) -> dict:
 def _open_model(path: str, ctx: int, threads: int | None, prefetch: bool = True, **kwargs):
     from .model import Model
 
-    bar = _ProgressBar(f"loading {os.path.basename(path)}")
+    bar = ProgressBar(f"loading {os.path.basename(path)}")
     m = Model(path, n_ctx=ctx, n_threads=threads, prefetch=prefetch, progress=bar, **kwargs)
     if not bar.tty:
         print(f"loaded {os.path.basename(path)}", file=sys.stderr)
@@ -69,7 +71,7 @@ def _sampling_args(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("-c", "--ctx", type=int, default=4096, help="context length (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    _backend_args(p)
+    add_backend_arguments(p)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -169,7 +171,7 @@ def cmd_run(args) -> int:
         print(f"(no -m given: using the embedded tiny DeepSeek-V4 model, random weights: {path})",
               file=sys.stderr)
     t0 = time.perf_counter()
-    m = _open_model(path, args.ctx, args.threads, **_backend_kwargs(args))
+    m = _open_model(path, args.ctx, args.threads, **backend_kwargs(args))
     ids = m.tokenize(args.prompt)
     t_load = time.perf_counter() - t0
     sys.stdout.write(args.prompt)
@@ -195,7 +197,7 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     path = args.model or _default_model()
-    m = _open_model(path, args.ctx, args.threads, **_backend_kwargs(args))
+    m = _open_model(path, args.ctx, args.threads, **backend_kwargs(args))
     interactive = sys.stdin.isatty()
     messages: list[dict] = []
     if args.system:
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     b.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
     b.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")
-    _backend_args(b)
+    add_backend_arguments(b)
     b.add_argument("--bandwidth", type=float, default=None,
                    help="measured memory read bandwidth in GB/s (benchmarks/membw) for the floor")
     b.add_argument("--json", action="store_true", help="print JSON")

@@ -1093,20 +1093,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    tty = sys.stderr.isatty()
-    last = [-1]
+    from .cli import ProgressBar
 
-    def progress(frac: float) -> bool:
-        pct = int(frac * 100)
-        if tty and pct != last[0]:
-            sys.stderr.write(f"\rconverting [{'#' * (pct // 4)}{'.' * (25 - pct // 4)}] {pct:3d}%")
-            sys.stderr.flush()
-        last[0] = pct
-        return True
-
-    st = convert(args.hf_dir, args.out, outtype=args.outtype, experts=args.experts, mtp=args.mtp, progress=progress)
-    if tty:
-        sys.stderr.write("\n")
+    st = convert(args.hf_dir, args.out, outtype=args.outtype, experts=args.experts, mtp=args.mtp,
+                 progress=ProgressBar("converting"))
     types = ", ".join(f"{k} {v}" for k, v in sorted(st["types"].items()))
     print(f"wrote {st['path']}: {st['tensors']} tensors ({types}), {st['bytes'] / 2**30:.2f} GiB, experts "
           f"{st['experts']}, {st['seconds']:.1f} s, peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB"
@@ -1115,17 +1105,10 @@ def run_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import Dsv4Error
+    """`python -m dsv4_ggml.convert ...`: the same as `dsv4-ggml convert ...`."""
+    from .cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="dsv4-ggml convert",
-                                description="Convert the official DeepSeek-V4 safetensors checkpoint to GGUF.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_args(args)
-    except Dsv4Error as e:
-        print(f"dsv4-ggml convert: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ except ImportError as e:   # pragma: no cover - depends on the environment
     _MISSING_DEPS = f"{e}"
     StreamingResponse = object
 
+from .cli import add_backend_arguments, backend_kwargs
+from .cli import main as cli_main
 from .errors import ContextOverflowError, Dsv4Error, InvalidArgumentError, OutOfMemoryError, StateError
 
 log = logging.getLogger("uvicorn.error")
@@ -742,13 +744,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--n-predict", type=int, default=None,
                         help="max tokens of a request that sets none (default: chat until the context is "
                              "full, completions 16)")
-    parser.add_argument("--backend", default="cpu", choices=("cpu", "cuda"), help="compute backend (default cpu)")
-    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
-                        help="CUDA: trunk layers whose weights go to the GPU (default: all)")
-    parser.add_argument("--experts-on-host", action="store_true",
-                        help="CUDA: keep the routed experts in host memory and run them on the CPU")
-    parser.add_argument("--no-repack", action="store_true",
-                        help="CPU: read every weight in place (no repacked copy of the non-expert matrices)")
+    add_backend_arguments(parser)
     parser.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     parser.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
     parser.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")
@@ -768,25 +764,15 @@ def run(args: argparse.Namespace) -> int:
         return 1
     keys = args.api_key or ([os.environ["DSV4_API_KEY"]] if os.environ.get("DSV4_API_KEY") else None)
     serve(args.model, host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads, api_key=keys,
-          model_id=args.alias, backend=args.backend, n_ubatch=args.ubatch, cache_type=args.cache_type,
+          model_id=args.alias, n_ubatch=args.ubatch, cache_type=args.cache_type,
           flash_attn=not args.no_flash_attn, default_max_tokens=args.n_predict, cors_origins=args.cors_origin,
-          log_level=args.log_level, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
-          repack=not args.no_repack)
+          log_level=args.log_level, **backend_kwargs(args))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-ggml serve",
-                                     description="Serve a DeepSeek-V4 model over an OpenAI-compatible HTTP API.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except Dsv4Error as e:
-        print(f"dsv4-ggml serve: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    """`python -m dsv4_ggml.server ...`: the same as `dsv4-ggml serve ...`."""
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -888,10 +888,13 @@ def _keys(b: _Builder) -> None:
            lambda g: g.set("tokenizer.ggml.tokens", ARR, g.value("tokenizer.ggml.tokens")[:-1], STR))
 
 
+def kset(key, vt, val, sub=None):
+    """An edit setting metadata key `key` (`deepseek4.` implied, unless tokenizer./general.)."""
+    return lambda g: g.set(key if key.startswith(("tokenizer.", "general.")) else K + key, vt, val, sub)
+
+
 def _hparams(b: _Builder) -> None:
     """Values of the right type that contradict each other or the tensors."""
-    def kset(key, vt, val, sub=None):
-        return lambda g: g.set(key if key.startswith(("tokenizer.", "general.")) else K + key, vt, val, sub)
     R = "attention.compress_ratios"
     cases = [
         ("block_count-0", kset("block_count", U32, 0), BadKey),
@@ -1003,8 +1006,6 @@ def _numeric_hparams(b: _Builder) -> None:
     """Values that once crashed or hung at the first eval (a negative norm epsilon aborts
     ggml_rms_norm; a Sinkhorn count of 2^31 or more turned negative in int32 and aborted
     ggml_dsv4_hc_comb; 2^31-1 iterations hang): the generated hparams reader rejects them."""
-    def kset(key, vt, val):
-        return lambda g: g.set(K + key, vt, val)
     b.edit("hparams/norm-eps-negative", BadKey, kset("attention.layer_norm_rms_epsilon", F32, -1.0))
     b.edit("hparams/norm-eps-zero", BadKey, kset("attention.layer_norm_rms_epsilon", F32, 0.0))
     b.edit("hparams/norm-eps-nan", BadKey, kset("attention.layer_norm_rms_epsilon", F32, float("nan")))
@@ -1049,8 +1050,6 @@ def _huge(b: _Builder) -> None:
 def _robustness(b: _Builder) -> None:
     """Values no check covers yet: the file may load, but opening it (and evaluating a few tokens)
     must neither crash, hang nor exhaust memory."""
-    def kset(key, vt, val):
-        return lambda g: g.set(K + key, vt, val)
     for name, edit in [
         ("top_k-max", kset("attention.indexer.top_k", U32, 0xFFFFFFFF)),
         ("top_k-1000", kset("attention.indexer.top_k", U32, 1000)),
@@ -1060,7 +1059,6 @@ def _robustness(b: _Builder) -> None:
         ("context_length-max", kset("context_length", U32, 0xFFFFFFFF)),
         ("rope-orig-ctx-max", kset("rope.scaling.original_context_length", U32, 0xFFFFFFFF)),
         ("sinkhorn-1", kset("hyper_connection.sinkhorn_iterations", U32, 1)),
-        ("norm-eps-0", kset("attention.layer_norm_rms_epsilon", F32, 0.0)),
         ("hc-eps-0", kset("hyper_connection.epsilon", F32, 0.0)),
         ("rope-factor-0", kset("rope.scaling.factor", F32, 0.0)),
         ("rope-freq-base-0", kset("rope.freq_base", F32, 0.0)),

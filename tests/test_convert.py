@@ -755,6 +755,13 @@ def _index(ck):
     return json.loads((ck / "model.safetensors.index.json").read_text())
 
 
+def _edit_index(ck, edit) -> None:
+    """Rewrites the checkpoint's index with `edit` applied to its weight_map."""
+    idx = _index(ck)
+    edit(idx["weight_map"])
+    (ck / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+
 def _expect(ck, tmp_path, exc, match, **kw):
     out = tmp_path / "out.gguf"
     with pytest.raises(exc, match=match):
@@ -768,30 +775,22 @@ def test_missing_shard(broken, tmp_path):
 
 
 def test_missing_tensor(broken, tmp_path):
-    idx = _index(broken)
-    del idx["weight_map"]["layers.3.attn.wkv.weight"]
-    (broken / "model.safetensors.index.json").write_text(json.dumps(idx))
+    _edit_index(broken, lambda m: m.pop("layers.3.attn.wkv.weight"))
     _expect(broken, tmp_path, MissingTensorError, r"layers\.3\.attn\.wkv\.weight")
 
 
 def test_missing_fp8_scale(broken, tmp_path):
-    idx = _index(broken)
-    del idx["weight_map"]["layers.2.ffn.shared_experts.w2.scale"]
-    (broken / "model.safetensors.index.json").write_text(json.dumps(idx))
+    _edit_index(broken, lambda m: m.pop("layers.2.ffn.shared_experts.w2.scale"))
     _expect(broken, tmp_path, MissingTensorError, r"layers\.2\.ffn\.shared_experts\.w2\.scale")
 
 
 def test_missing_expert(broken, tmp_path):
-    idx = _index(broken)
-    del idx["weight_map"]["layers.4.ffn.experts.5.w3.weight"]
-    (broken / "model.safetensors.index.json").write_text(json.dumps(idx))
+    _edit_index(broken, lambda m: m.pop("layers.4.ffn.experts.5.w3.weight"))
     _expect(broken, tmp_path, MissingTensorError, r"layers\.4\.ffn\.experts\.5\.w3\.weight")
 
 
 def test_index_names_tensor_absent_from_shard(broken, tmp_path):
-    idx = _index(broken)
-    idx["weight_map"]["layers.0.attn.extra.weight"] = "model-00001-of-00003.safetensors"
-    (broken / "model.safetensors.index.json").write_text(json.dumps(idx))
+    _edit_index(broken, lambda m: m.__setitem__("layers.0.attn.extra.weight", "model-00001-of-00003.safetensors"))
     _expect(broken, tmp_path, MissingTensorError, r"layers\.0\.attn\.extra\.weight")
 
 
@@ -830,9 +829,7 @@ def test_renamed_tensor_in_shard_header(broken, tmp_path):
     name is reported missing, the stray one never silently used."""
     old, new = "layers.3.attn.attn_sink", "layers.3.attn.surprise"
     patch_header(broken / _index(broken)["weight_map"][old], lambda h: h.__setitem__(new, h.pop(old)))
-    idx = _index(broken)
-    idx["weight_map"][new] = idx["weight_map"].pop(old)
-    (broken / "model.safetensors.index.json").write_text(json.dumps(idx))
+    _edit_index(broken, lambda m: m.__setitem__(new, m.pop(old)))
     _expect(broken, tmp_path, MissingTensorError, r"layers\.3\.attn\.attn_sink")
 
 
@@ -840,9 +837,7 @@ def test_unmapped_tensor_is_rejected(broken, tmp_path):
     # an extra tensor the converter does not know (a new checkpoint variant) is an error, not dropped
     w = broken / "extra.safetensors"
     write_safetensors(w, [("layers.2.attn.new_thing", "F32", (4,), np.zeros(4, np.float32).tobytes())])
-    idx = _index(broken)
-    idx["weight_map"]["layers.2.attn.new_thing"] = "extra.safetensors"
-    (broken / "model.safetensors.index.json").write_text(json.dumps(idx))
+    _edit_index(broken, lambda m: m.__setitem__("layers.2.attn.new_thing", "extra.safetensors"))
     _expect(broken, tmp_path, UnexpectedTensorError, r"layers\.2\.attn\.new_thing")
 
 

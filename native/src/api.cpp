@@ -37,7 +37,6 @@ void install_ggml_log() {
     std::call_once(once, [] { ggml_log_set(ggml_log, nullptr); });
 }
 
-
 template <typename F> dsv4_status guarded(F && fn) {
     try {
         fn();

@@ -4,7 +4,9 @@
 // head lives in device memory; routed experts can stay in host memory (experts_on_host), which is
 // what makes a model larger than the card usable: attention, shared experts, norms and HC run on
 // the GPU, the selected experts on the CPU. The token embedding stays in host memory (one row
-// per token is read). The scheduler sends each op to the backend of its weights.
+// per token is read). The scheduler sends each op to the backend of its weights. On the CPU,
+// every weight is read from the mapped file, except (with `repack`) the non-expert quantized
+// matrices, copied into ggml's repacked layout.
 #pragma once
 
 #include "dsv4.h"
@@ -17,19 +19,18 @@ namespace dsv4 {
 // A compute backend of the given kind (DSV4_BACKEND_CPU/CUDA); throws when unavailable.
 ggml_backend_t make_backend(int32_t kind, int n_threads);
 
-// The device buffer type of a kind (CPU: host memory).
-ggml_backend_buffer_type_t device_buffer_type(int32_t kind);
+// Where the weights that are not read from the mapped file go: CUDA's device buffer type (throws
+// when no device is present); on the CPU with `repack`, ggml's CPU_REPACK type (weights re-laid out
+// for faster quantized matrix products); null when every weight is read in place.
+ggml_backend_buffer_type_t copy_buffer_type(const dsv4_model_params & p);
 
-// The CPU's repacking buffer type ("CPU_REPACK": weights re-laid out for faster quantized
-// matrix products), or null when this build has none.
-ggml_backend_buffer_type_t cpu_repack_buffer_type();
-
-// Whether `t` (a weight, not yet allocated) can live in `repack`: ggml repacks its type and
-// shape, and our graph uses it only as the matrix of MUL_MAT / MUL_MAT_ID with F32 activations
-// (the only ops the repacked layout supports).
-bool repackable(ggml_backend_buffer_type_t repack, const ggml_tensor * t, const std::string & name);
-
-// Whether weight `name` of layer `il` (-1: not a layer tensor) goes to the device.
-bool weight_on_device(const dsv4_model_params & p, const dsv4_hparams & hp, const std::string & name, int il);
+// Whether weight `t` (named `name`, not yet allocated) is copied into `buft` (copy_buffer_type's
+// answer, not null) rather than read in place. CUDA: the weights of the first n_gpu_layers layers
+// and the output head, less the token embedding and, with experts_on_host, the routed experts.
+// CPU: the matrices ggml has a repacked layout for, which our graph uses only in MUL_MAT with F32
+// activations (the one op that layout supports), except the routed experts, whose repacked
+// MUL_MAT_ID is slower in prefill (benchmarks/RESULTS.md).
+bool weight_copied(const dsv4_model_params & p, const dsv4_hparams & hp, ggml_backend_buffer_type_t buft,
+                   const ggml_tensor * t, const std::string & name);
 
 }  // namespace dsv4

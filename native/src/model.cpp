@@ -7,7 +7,6 @@
 
 #include "ggml-alloc.h"
 
-#include <cstdlib>
 
 #include <algorithm>
 
@@ -74,14 +73,6 @@ void check_tid2eid(const dsv4_hparams & hp, const Weights & w, const GgufFile & 
     }
 }
 
-// "blk.N.<...>" -> N; -1 for the global tensors.
-int layer_of(const std::string & name) {
-    if (name.compare(0, 4, "blk.") != 0) {
-        return -1;
-    }
-    return std::atoi(name.c_str() + 4);
-}
-
 // Gives every weight its memory: host weights are the mapped file itself (read in place);
 // device weights (backend CUDA, backend.h) get a device buffer and are uploaded; on the CPU with
 // `repack`, the matrices ggml can re-lay out get a CPU_REPACK buffer instead. Progress is
@@ -100,22 +91,9 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
 
     std::vector<bool> on_device(bound.size());
     size_t device_bytes = 0;
-    ggml_backend_buffer_type_t buft = device_buffer_type(p.backend);
-    // CPU: quantized matrices of attention, shared expert and output head are repacked into
-    // ggml's interleaved layout (faster matrix-vector products: decode); routed experts stay in
-    // the mapped file (their repacked MUL_MAT_ID is slower in prefill; benchmarks/RESULTS.md)
-    ggml_backend_buffer_type_t repack = nullptr;
-    if (p.backend == DSV4_BACKEND_CPU && p.repack) {
-        repack = cpu_repack_buffer_type();
-        buft = repack;
-    }
+    const ggml_backend_buffer_type_t buft = copy_buffer_type(p);
     for (size_t i = 0; i < bound.size(); ++i) {
-        const std::string & name = bound[i].info->name;
-        if (repack != nullptr) {
-            on_device[i] = name.find("_exps.") == std::string::npos && repackable(repack, bound[i].tensor, name);
-        } else {
-            on_device[i] = weight_on_device(p, m.hp, name, layer_of(name));
-        }
+        on_device[i] = buft != nullptr && weight_copied(p, m.hp, buft, bound[i].tensor, bound[i].info->name);
         if (on_device[i]) {
             device_bytes += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor),
                                      ggml_backend_buft_get_alignment(buft));
@@ -127,7 +105,7 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     if (device_bytes > 0) {
         m.device_buf = ggml_backend_buft_alloc_buffer(buft, device_bytes);
         if (m.device_buf == nullptr) {
-            if (repack != nullptr) {
+            if (p.backend == DSV4_BACKEND_CPU) {
                 fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the repacked weights (repack=False reads "
                      "them in place)", double(device_bytes) / 1048576.0);
             }
