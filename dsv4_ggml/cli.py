@@ -36,20 +36,23 @@ class ProgressBar:
 
 
 def add_backend_arguments(p) -> None:
-    """--backend, -ngl, --experts-on-host, --no-repack (run, chat, bench, serve)."""
+    """--backend, -ngl, --experts-on-host, --repack/--no-repack (run, chat, bench, serve)."""
     p.add_argument("--backend", default="cpu", choices=("cpu", "cuda"), help="compute backend (default cpu)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
                    help="CUDA: trunk layers whose weights go to the GPU (default: all)")
     p.add_argument("--experts-on-host", action="store_true",
                    help="CUDA: keep the routed experts in host memory and run them on the CPU")
-    p.add_argument("--no-repack", action="store_true",
-                   help="CPU: read every weight in place (no repacked copy of the non-expert matrices)")
+    p.add_argument("--repack", default="auto", choices=("auto", "amx", "interleaved", "none"),
+                   help="CPU: layout of the quantized non-expert matrices: auto (AMX where the CPU has it, else "
+                        "ggml's interleaved layout), amx, interleaved, none (read in place); default auto")
+    p.add_argument("--no-repack", dest="repack", action="store_const", const="none",
+                   help="same as --repack none")
 
 
 def backend_kwargs(args) -> dict:
     """The Model keyword arguments of add_backend_arguments' options."""
     return dict(backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
-                repack=not args.no_repack)
+                repack=args.repack)
 
 
 def _open_model(path: str, ctx: int, threads: int | None, prefetch: bool = True, **kwargs):
@@ -118,7 +121,7 @@ def cmd_tiny(args) -> int:
 def cmd_inspect(args) -> int:
     from .model import Model
 
-    m = Model(args.model, n_ctx=1)
+    m = Model(args.model, n_ctx=1, repack=False)  # describes the file: no copies of its weights
     hp = m.hparams
     print(f"{args.model}: DeepSeek-V4 (deepseek4), {hp['n_layer']} layers"
           f"{' + MTP' if hp['n_nextn'] else ''}, vocab {m.n_vocab}")

@@ -13,6 +13,7 @@ from .sampling import SamplingParams
 
 BACKENDS = {"cpu": 0, "cuda": 1}
 CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}   # ggml type ids
+REPACK = {"none": 0, "auto": 1, "interleaved": 2, "amx": 3}     # dsv4_repack; True = auto, False = none
 
 
 def _stops(stop) -> list[str]:
@@ -34,6 +35,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    placement: str = "mapped"   # "mapped" (read in place from the file) or the buffer it was copied into
 
 
 def _struct_to_dict(ffi, hp) -> dict[str, Any]:
@@ -61,15 +63,18 @@ class Model:
     `n_gpu_layers` trunk layers (None: all, with the output head) in device memory and runs
     their ops there; `experts_on_host=True` keeps the routed experts in host memory, where
     the CPU runs them (a model larger than the card). The token embedding stays on the host.
-    On the CPU, `repack=True` copies the quantized attention, shared-expert and output-head
-    matrices into ggml's interleaved layout at load (faster decode); routed experts and every
-    other weight are read from the mapped file in place.
+    On the CPU, `repack=True` ("auto") copies the quantized attention, shared-expert and
+    output-head matrices into ggml's AMX layout where the CPU has AMX and the matrix fits it,
+    else into ggml's interleaved layout where one exists for its type (faster prefill and
+    decode); "amx" and "interleaved" use only that layout, False ("none") none. Routed experts
+    and every other weight are read from the mapped file in place (`tensors` shows where each
+    weight lives).
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
                  backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
                  flash_attn: bool = True, prefetch: bool = False, progress=None,
-                 n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool = True):
+                 n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool | str = True):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
@@ -98,7 +103,11 @@ class Model:
         params.prefetch = bool(prefetch)
         params.n_gpu_layers = -1 if n_gpu_layers is None else n_gpu_layers
         params.experts_on_host = bool(experts_on_host)
-        params.repack = bool(repack)
+        if isinstance(repack, bool):
+            repack = "auto" if repack else "none"
+        if repack not in REPACK:
+            raise InvalidArgumentError(f"repack must be True, False or one of {sorted(REPACK)}, got {repack!r}")
+        params.repack = REPACK[repack]
         callback = None
         if progress is not None:
             if not callable(progress):
@@ -346,6 +355,7 @@ class Model:
                 shape=tuple(int(info.ne[d]) for d in range(info.n_dims)),
                 offset=int(info.offset),
                 nbytes=int(info.nbytes),
+                placement=ffi.string(info.placement).decode(),
             ))
         return out
 

@@ -138,17 +138,24 @@ def test_golden_f32_matches_llamacpp(golden):
         assert (got.argmax(1) == want.argmax(1)).all()
 
 
-def test_golden_q8_0_against_llamacpp_within_measured_bound(golden):
+@pytest.mark.parametrize("repack", ["none", "auto"])
+def test_golden_q8_0_against_llamacpp_within_measured_bound(golden, repack):
     """Q8_0 weights: both engines quantize activations inside the matmuls; selection flips make
-    the tiny model chaotic. Measured: median 1.9e-2, worst 0.38, argmax 94% (decode)."""
+    the tiny model chaotic. Read in place, our matrix products are llama.cpp's (identical logits
+    until the first selection flip, at position 19); AMX (repack auto on a CPU with AMX) sums in
+    another order, so flips come earlier. Measured: median 1.7e-2 / 1.8e-2, worst 0.34 / 0.35,
+    argmax 95% / 94% (in place / AMX)."""
     toks = json.loads((golden / "tokens-700.json").read_text())
     want = np.load(golden / "ds4-tiny-q8_0.llamacpp-logits.npy")
-    m = engine(golden / "ds4-tiny-q8_0.gguf", n_ctx=1024)
+    m = engine(golden / "ds4-tiny-q8_0.gguf", n_ctx=1024, repack=repack)
     got = np.concatenate([m.eval([t]) for t in toks])
     err = rel_err(got, want)
     agree = (got.argmax(1) == want.argmax(1)).mean()
-    print(f"golden q8_0: worst {err.max():.2e} median {np.median(err):.2e} argmax {agree:.1%}")
-    assert err[:19].max() < 1e-5          # identical arithmetic until the first selection flip
+    print(f"golden q8_0 repack={repack}: worst {err.max():.2e} median {np.median(err):.2e} argmax {agree:.1%}")
+    if repack == "none" or BACKEND != "cpu":
+        assert err[:19].max() < 1e-5          # identical arithmetic until the first selection flip
+    else:
+        assert err[:8].max() < 1e-4
     assert np.median(err) < 0.04 and agree > 0.9
 
 

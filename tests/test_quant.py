@@ -10,6 +10,8 @@ precision of a type. Selections are covered bit-for-bit by the F32 tests.
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -66,19 +68,44 @@ def test_quantized_weights_within_measured_bound(tmp_path, prompt, wtype):
     assert agree > 0.9
 
 
-@pytest.mark.parametrize("wtype", ["q4_k", "q2_k"])
-def test_repacked_and_in_place_weights_both_within_bound(tmp_path, prompt, wtype):
-    """repack=True (default) copies the non-expert matrices into ggml's interleaved layout, whose
-    kernels differ (other summation order): both layouts stay within the type's bound."""
+@pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q2_k"])
+def test_every_cpu_weight_layout_within_bound(tmp_path, prompt, wtype):
+    """repack copies the non-expert matrices into ggml's AMX or interleaved layouts, whose kernels
+    differ (other summation order, other activation blocks): every layout this CPU has stays
+    within the type's bound, and `tensors` shows which matrices it took."""
     path = tmp_path / f"{wtype}.gguf"
     write_tiny_model(path, seed=0, weight_type=wtype, **SMOOTH)
     ref = Reference(path).eval(prompt)
-    got = {rp: dsv4_ggml.Model(path, n_ctx=512, cache_type="f32", repack=rp).eval(prompt) for rp in (True, False)}
-    assert not np.array_equal(got[True], got[False]), "no matrix was repacked"
-    for rp, g in got.items():
-        err = rel_err(g, ref)
-        print(f"{wtype} repack={rp}: worst {err.max():.2e}")
+    used = {}
+    for layout in ("none", "interleaved", "amx", "auto"):
+        try:
+            m = dsv4_ggml.Model(path, n_ctx=512, cache_type="f32", repack=layout)
+        except dsv4_ggml.BackendError as e:   # this CPU (or build) lacks the layout
+            print(f"{wtype} repack={layout}: {e}")
+            assert layout in ("amx", "interleaved")
+            continue
+        placed = collections.Counter(t.placement for t in m.tensors if t.placement != "mapped")
+        used[layout] = placed
+        for t in m.tensors:
+            if t.placement != "mapped":
+                assert t.type not in ("f32", "f16", "bf16", "i32") and "_exps" not in t.name and t.name != "token_embd.weight", t
+        err = rel_err(m.eval(prompt), ref)
+        m.close()
+        print(f"{wtype} repack={layout}: {dict(placed)} worst {err.max():.2e}")
         assert err.max() < WEIGHT_BOUNDS[wtype][0]
+    assert not used["none"]
+    assert set(used.get("amx", {})) <= {"AMX"} and set(used.get("interleaved", {})) <= {"CPU_REPACK"}
+    if used.get("amx"):                       # auto prefers AMX where it applies
+        assert used["auto"]["AMX"] == used["amx"]["AMX"]
+    assert sum(used["auto"].values()) >= max(sum(used.get(k, {}).values()) for k in ("amx", "interleaved"))
+
+
+def test_repack_option_checked(tmp_path):
+    path = tmp_path / "q8.gguf"
+    write_tiny_model(path, seed=0, weight_type="q8_0")
+    for bad in ("fast", 1, None):
+        with pytest.raises(dsv4_ggml.InvalidArgumentError, match="repack must be"):
+            dsv4_ggml.Model(path, repack=bad)
 
 
 def test_q8_0_greedy_decode_agrees_for_64_steps(tmp_path):

@@ -55,6 +55,15 @@ typedef enum dsv4_backend {
     DSV4_BACKEND_CUDA = 1
 } dsv4_backend;
 
+/* CPU weight layouts: which quantized non-expert matrices are copied out of the mapped file
+ * into one of ggml's re-laid-out buffers at load (routed experts are always read in place). */
+typedef enum dsv4_repack {
+    DSV4_REPACK_NONE = 0,         /* read every weight in place */
+    DSV4_REPACK_AUTO = 1,         /* AMX where the CPU and the matrix allow it, else interleaved */
+    DSV4_REPACK_INTERLEAVED = 2,  /* ggml's CPU_REPACK layouts only */
+    DSV4_REPACK_AMX = 3           /* ggml's AMX layout only (an error where the CPU has no AMX) */
+} dsv4_repack;
+
 typedef struct dsv4_model dsv4_model;
 typedef struct dsv4_session dsv4_session;
 
@@ -115,6 +124,8 @@ typedef struct dsv4_tensor_info {
     int64_t ne[4];
     uint64_t offset;           /* absolute byte offset in the file */
     uint64_t nbytes;
+    const char * placement;    /* where the weight is read from: "mapped" (the file, in place) or the
+                                  buffer type it was copied into at load ("AMX", "CPU_REPACK", "CUDA0") */
 } dsv4_tensor_info;
 
 /* Called while a model loads with the fraction done (0..1); return false to cancel the load. */
@@ -126,8 +137,7 @@ typedef struct dsv4_model_params {
     bool prefetch;             /* read every weight page now, so the first tokens do not stall */
     int32_t n_gpu_layers;      /* CUDA: trunk layers whose weights go to the device; < 0: all */
     bool experts_on_host;      /* CUDA: keep routed experts in host memory (run on the CPU) */
-    bool repack;               /* CPU: copy quantized non-expert matrices into ggml's repacked
-                                  layout (faster decode); false: read every weight in place */
+    int32_t repack;            /* CPU: dsv4_repack (default DSV4_REPACK_AUTO) */
     dsv4_progress_fn progress; /* optional */
     void * progress_data;
 } dsv4_model_params;

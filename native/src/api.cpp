@@ -156,7 +156,7 @@ dsv4_model_params dsv4_model_default_params(void) {
     p.prefetch = false;
     p.n_gpu_layers = -1;
     p.experts_on_host = false;
-    p.repack = true;
+    p.repack = DSV4_REPACK_AUTO;
     p.progress = nullptr;
     p.progress_data = nullptr;
     return p;

@@ -50,7 +50,9 @@ int layer_of(const std::string & name) {
     return std::atoi(name.c_str() + 4);
 }
 
-ggml_backend_buffer_type_t cpu_repack_buffer_type() {
+// One of the CPU device's extra buffer types by name ("CPU_REPACK", "AMX"); null when this build
+// or this CPU has none.
+ggml_backend_buffer_type_t cpu_extra_buffer_type(const char * name) {
     ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
     if (dev == nullptr) {
         return nullptr;
@@ -61,31 +63,47 @@ ggml_backend_buffer_type_t cpu_repack_buffer_type() {
         return nullptr;
     }
     for (ggml_backend_buffer_type_t * b = get(dev); b != nullptr && *b != nullptr; ++b) {
-        if (std::strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) {
+        if (std::strcmp(ggml_backend_buft_name(*b), name) == 0) {
             return *b;
         }
     }
     return nullptr;
 }
 
-bool repackable(ggml_backend_buffer_type_t repack, const ggml_tensor * t, const std::string & name) {
-    // the graph's uses (native/generated/blocks.cpp): token_embd is read by GET_ROWS;
-    // attn_output_a is a 3-D batched MUL_MAT over permuted activations
+// Whether ggml computes our uses of `t` from `buft`: the graph reads a quantized non-expert matrix
+// only as src0 of a MUL_MAT with contiguous F32 activations (native/generated/blocks.cpp), except
+// token_embd (GET_ROWS) and attn_output_a (a 3-D batched MUL_MAT over permuted activations); the
+// routed experts' MUL_MAT_ID stays in place (repacked, prefill gets slower: benchmarks/RESULTS.md).
+// The rest is ggml's own answer for a MUL_MAT of `t` placed in `buft`.
+bool cpu_layout_accepts(ggml_backend_buffer_type_t buft, const ggml_tensor * t, const std::string & name) {
     if (!ggml_is_quantized(t->type) || is_routed_expert(name) || name == "token_embd.weight" ||
-        name.find("attn_output_a") != std::string::npos || t->ne[2] != 1) {
+        name.find("attn_output_a") != std::string::npos || t->ne[2] != 1 || t->ne[3] != 1) {
         return false;
     }
-    // ask ggml: its repack buffer marks the tensors it has a layout for (tensor->extra)
-    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(repack, ggml_backend_buft_get_alignment(repack));
+    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, ggml_backend_buft_get_alignment(buft));
     if (buf == nullptr) {
         return false;
     }
-    ggml_tensor probe = *t;
-    probe.extra = nullptr;
-    probe.buffer = buf;
-    probe.data = ggml_backend_buffer_get_base(buf);  // init_tensor reads only the type and shape
-    ggml_backend_buffer_init_tensor(buf, &probe);
-    const bool ok = probe.extra != nullptr;
+    ggml_tensor w = *t;  // init_tensor and supports_op read only the type, shape and buffer
+    w.extra = nullptr;
+    w.buffer = buf;
+    w.data = ggml_backend_buffer_get_base(buf);
+    ggml_backend_buffer_init_tensor(buf, &w);
+    ggml_tensor x{};
+    x.type = GGML_TYPE_F32;
+    x.ne[0] = t->ne[0];
+    x.ne[1] = x.ne[2] = x.ne[3] = 1;
+    x.nb[0] = sizeof(float);
+    x.nb[1] = x.nb[2] = x.nb[3] = size_t(t->ne[0]) * sizeof(float);
+    ggml_tensor y = x;
+    y.op = GGML_OP_MUL_MAT;
+    y.ne[0] = t->ne[1];
+    y.nb[1] = y.nb[2] = y.nb[3] = size_t(t->ne[1]) * sizeof(float);
+    y.src[0] = &w;
+    y.src[1] = &x;
+    // CPU_REPACK marks the tensors it has a layout for in `extra`; AMX takes any type it supports
+    const bool ok = w.extra != nullptr &&
+                    ggml_backend_dev_supports_op(ggml_backend_buft_get_device(buft), &y);
     ggml_backend_buffer_free(buf);
     return ok;
 }
@@ -104,24 +122,60 @@ bool on_cuda(const dsv4_model_params & p, const dsv4_hparams & hp, const std::st
 
 }  // namespace
 
-ggml_backend_buffer_type_t copy_buffer_type(const dsv4_model_params & p) {
+std::vector<ggml_backend_buffer_type_t> copy_buffer_types(const dsv4_model_params & p) {
     if (p.backend == DSV4_BACKEND_CPU) {
-        return p.repack ? cpu_repack_buffer_type() : nullptr;
+        ggml_backend_buffer_type_t amx = nullptr, interleaved = nullptr;
+        switch (p.repack) {
+            case DSV4_REPACK_NONE:
+                return {};
+            case DSV4_REPACK_AUTO:
+                amx = cpu_extra_buffer_type("AMX");
+                interleaved = cpu_extra_buffer_type("CPU_REPACK");
+                break;
+            case DSV4_REPACK_INTERLEAVED:
+                interleaved = cpu_extra_buffer_type("CPU_REPACK");
+                if (interleaved == nullptr) {
+                    fail(DSV4_ERR_BACKEND, "repack=interleaved: this build of ggml has no CPU_REPACK buffer type");
+                }
+                break;
+            case DSV4_REPACK_AMX:
+                amx = cpu_extra_buffer_type("AMX");
+                if (amx == nullptr) {
+                    fail(DSV4_ERR_BACKEND, "repack=amx: no AMX on this CPU (or ggml was built without AMX_INT8 "
+                         "and AVX512_VNNI)");
+                }
+                break;
+            default:
+                fail(DSV4_ERR_INVALID_ARGUMENT, "repack must be a dsv4_repack value (0..3), got %d", int(p.repack));
+        }
+        std::vector<ggml_backend_buffer_type_t> out;
+        for (ggml_backend_buffer_type_t b : {amx, interleaved}) {  // AMX first: faster where both apply
+            if (b != nullptr) {
+                out.push_back(b);
+            }
+        }
+        return out;
     }
 #ifdef DSV4_WITH_CUDA
     if (p.backend == DSV4_BACKEND_CUDA) {
         if (ggml_backend_cuda_get_device_count() < 1) {
             fail(DSV4_ERR_BACKEND, "backend cuda: no CUDA device is available");
         }
-        return ggml_backend_cuda_buffer_type(0);
+        return {ggml_backend_cuda_buffer_type(0)};
     }
 #endif
     fail(DSV4_ERR_BACKEND, "backend %d is not available in this build", int(p.backend));
 }
 
-bool weight_copied(const dsv4_model_params & p, const dsv4_hparams & hp, ggml_backend_buffer_type_t buft,
-                   const ggml_tensor * t, const std::string & name) {
-    return p.backend == DSV4_BACKEND_CPU ? repackable(buft, t, name) : on_cuda(p, hp, name);
+ggml_backend_buffer_type_t weight_buffer_type(const dsv4_model_params & p, const dsv4_hparams & hp,
+                                              const std::vector<ggml_backend_buffer_type_t> & bufts,
+                                              const ggml_tensor * t, const std::string & name) {
+    for (ggml_backend_buffer_type_t b : bufts) {
+        if (p.backend == DSV4_BACKEND_CPU ? cpu_layout_accepts(b, t, name) : on_cuda(p, hp, name)) {
+            return b;
+        }
+    }
+    return nullptr;
 }
 
 }  // namespace dsv4

@@ -75,7 +75,7 @@ void check_tid2eid(const dsv4_hparams & hp, const Weights & w, const GgufFile & 
 
 // Gives every weight its memory: host weights are the mapped file itself (read in place);
 // device weights (backend CUDA, backend.h) get a device buffer and are uploaded; on the CPU with
-// `repack`, the matrices ggml can re-lay out get a CPU_REPACK buffer instead. Progress is
+// `repack`, the matrices ggml can re-lay out get an AMX or CPU_REPACK buffer instead. Progress is
 // reported by bytes over both; `prefetch` also reads every host page now, so that the first
 // tokens do not stall on page faults.
 void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
@@ -89,34 +89,45 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     }
     ggml_backend_buffer_set_usage(m.weights_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 
-    std::vector<bool> on_device(bound.size());
-    size_t device_bytes = 0;
-    const ggml_backend_buffer_type_t buft = copy_buffer_type(p);
+    // each copied weight's buffer type; the rest is placed in the mapped file
+    const std::vector<ggml_backend_buffer_type_t> bufts = copy_buffer_types(p);
+    std::vector<ggml_backend_buffer_type_t> target(bound.size(), nullptr);
+    std::vector<size_t> bytes(bufts.size(), 0);
     for (size_t i = 0; i < bound.size(); ++i) {
-        on_device[i] = buft != nullptr && weight_copied(p, m.hp, buft, bound[i].tensor, bound[i].info->name);
-        if (on_device[i]) {
-            device_bytes += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor),
-                                     ggml_backend_buft_get_alignment(buft));
-        } else if (ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) !=
-                   GGML_STATUS_SUCCESS) {
+        target[i] = weight_buffer_type(p, m.hp, bufts, bound[i].tensor, bound[i].info->name);
+        for (size_t k = 0; k < bufts.size(); ++k) {
+            if (target[i] == bufts[k]) {
+                bytes[k] += GGML_PAD(ggml_backend_buft_get_alloc_size(bufts[k], bound[i].tensor),
+                                     ggml_backend_buft_get_alignment(bufts[k]));
+            }
+        }
+        if (target[i] == nullptr &&
+            ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) != GGML_STATUS_SUCCESS) {
             fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
         }
     }
-    if (device_bytes > 0) {
-        m.device_buf = ggml_backend_buft_alloc_buffer(buft, device_bytes);
-        if (m.device_buf == nullptr) {
+    size_t device_bytes = 0;
+    for (size_t k = 0; k < bufts.size(); ++k) {
+        if (bytes[k] == 0) {
+            continue;
+        }
+        device_bytes += bytes[k];
+        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(bufts[k], bytes[k]);
+        if (buf == nullptr) {
             if (p.backend == DSV4_BACKEND_CPU) {
                 fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the repacked weights (repack=False reads "
-                     "them in place)", double(device_bytes) / 1048576.0);
+                     "them in place)", double(bytes[k]) / 1048576.0);
             }
             fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of device memory for the weights (lower n_gpu_layers "
-                 "or keep the experts on the host)", double(device_bytes) / 1048576.0);
+                 "or keep the experts on the host)", double(bytes[k]) / 1048576.0);
         }
-        ggml_backend_buffer_set_usage(m.device_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-        ggml_tallocr ta = ggml_tallocr_new(m.device_buf);
+        m.copy_bufs.push_back(buf);
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        ggml_tallocr ta = ggml_tallocr_new(buf);
         for (size_t i = 0; i < bound.size(); ++i) {
-            if (on_device[i] && ggml_tallocr_alloc(&ta, bound[i].tensor) != GGML_STATUS_SUCCESS) {
-                fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s' in device memory", bound[i].info->name.c_str());
+            if (target[i] == bufts[k] && ggml_tallocr_alloc(&ta, bound[i].tensor) != GGML_STATUS_SUCCESS) {
+                fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s' in a %s buffer", bound[i].info->name.c_str(),
+                     ggml_backend_buft_name(bufts[k]));
             }
         }
     }
@@ -135,7 +146,7 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     volatile uint8_t sink = 0;
     for (size_t i = 0; i < bound.size(); ++i) {
         const GgufTensorInfo & ti = *bound[i].info;
-        if (on_device[i]) {
+        if (target[i] != nullptr) {
             ggml_backend_tensor_set(bound[i].tensor, base + ti.offset, 0, ti.nbytes);
             // the copy is all the graph reads: release the mapped pages it came from
             const uint64_t lo = (ti.offset + uint64_t(page) - 1) / uint64_t(page) * uint64_t(page);
@@ -207,6 +218,9 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
         }
         t.offset = ti.offset;
         t.nbytes = ti.nbytes;
+        const ggml_tensor * w = ggml_get_tensor(m->ctx_meta, ti.name.c_str());
+        t.placement = w == nullptr || w->buffer == nullptr || w->buffer == m->weights_buf
+                          ? "mapped" : ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
         m->table.push_back(t);
     }
     return m;
@@ -215,8 +229,8 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
 }  // namespace dsv4
 
 dsv4_model::~dsv4_model() {
-    if (device_buf != nullptr) {
-        ggml_backend_buffer_free(device_buf);
+    for (ggml_backend_buffer_t b : copy_bufs) {
+        ggml_backend_buffer_free(b);
     }
     if (weights_buf != nullptr) {
         ggml_backend_buffer_free(weights_buf);

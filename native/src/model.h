@@ -17,7 +17,7 @@ struct dsv4_model {
     dsv4::Weights weights;
     ggml_context * ctx_meta = nullptr;        // tensor objects of the weights
     ggml_backend_buffer_t weights_buf = nullptr;  // host weights: the mapped file itself (no copy)
-    ggml_backend_buffer_t device_buf = nullptr;   // device weights (CUDA), uploaded at open
+    std::vector<ggml_backend_buffer_t> copy_bufs;  // weights copied at open: CUDA, or CPU AMX/CPU_REPACK
     std::vector<dsv4_tensor_info> table;      // the file's tensors, in file order
     dsv4_model_params params{};
     uint64_t fingerprint = 0;                 // of the hparams and the tensor table (saved states)
