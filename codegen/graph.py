@@ -24,8 +24,7 @@ T = Sym("T")                      # tokens in the micro-batch (C++: the local T 
 # Dims known only to the runtime (used for shape checks, never emitted as C++ dims):
 N_VIEW = Sym("n_view")            # compressed-cache rows visible to the batch
 N_BLOCKS = Sym("n_blocks")        # compressor blocks processed in the batch
-MEMBERS = Sym("members")          # members per block
-RUNTIME_DIMS = {"n_view", "n_blocks", "members"}
+RUNTIME_DIMS = {"n_view", "n_blocks"}
 
 
 _DERIVED: dict[str, Expr] = {}    # derived hyperparameters, expanded before comparing dims
@@ -536,42 +535,18 @@ class Builder:
         return Value("tokens", (T,), "i32", ref="s.tokens", fixed_name=True)
 
     # --- compressor pooling (§3.5) -------------------------------------------------------------------
-    def overlap_halves(self, rows: Value, d: Any, r: Any, name: str | None = None) -> Value:
-        """Members of an overlapping (ratio-4) block: rows ne{2d, 2r, nb} hold, per block, the r
-        previous-block tokens then the r current-block tokens; previous-block members use
-        features [0, d), current-block members [d, 2d) (§3.5, §7 #18). -> ne{d, 2r, nb}."""
-        self._tensor(rows, "overlap rows")
-        d, r = lift(d), lift(r)
-        self._check(len(rows.shape) == 3 and same(rows.dim(0), 2 * d) and same(rows.dim(1), 2 * r),
-                    f"overlap_halves: {rows!r} is not ne{{2·{d.describe()}, 2·{r.describe()}, blocks}}")
-        dd, rr = self.dim(d), self.dim(r)
-        prev = self._emit((name or rows.name) + "_prev", (d, r, rows.dim(2)),
-                          "ggml_cont(ctx, ggml_view_3d(ctx, {0}, " + dd + ", " + rr
-                          + ", {0}->ne[2], {0}->nb[1], {0}->nb[2], 0))", rows,
-                          comment="previous block: first half of the features")
-        cur = self._emit((name or rows.name) + "_cur", (d, r, rows.dim(2)),
-                         "ggml_cont(ctx, ggml_view_3d(ctx, {0}, " + dd + ", " + rr
-                         + ", {0}->ne[2], {0}->nb[1], {0}->nb[2], " + rr + " * {0}->nb[1] + "
-                         + dd + " * ggml_element_size({0})))", rows,
-                         comment="current block: second half of the features")
-        return self._emit(name or rows.name + "_members", (d, 2 * r, rows.dim(2)),
-                          "ggml_concat(ctx, {}, {}, 1)", prev, cur)
-
-    def gated_pool(self, values: Value, logits: Value, name: str | None = None) -> Value:
-        """u[ch, j] = Σ_m softmax_m(logits[ch, m, j])·values[ch, m, j]: a softmax over the members
-        of each block, independently per channel (§3.5, §7 #19). ne{d, m, nb} -> ne{d, nb}."""
-        self._check(values.shape is not None and logits.shape is not None and len(values.shape) == 3
-                    and all(same(a, c) for a, c in zip(values.shape, logits.shape)),
-                    f"gated_pool: {values!r} and {logits!r} must be the same ne{{d, members, blocks}}")
-        base = name or "pooled"
-        w = self._emit(base + "_weights", (values.dim(1), values.dim(0), values.dim(2)),
-                       "ggml_soft_max(ctx, ggml_cont(ctx, ggml_permute(ctx, {}, 1, 0, 2, 3)))", logits,
-                       comment="members on ne0: softmax over the members of each channel")
-        p = self._emit(base + "_sum", (1, values.dim(0), values.dim(2)),
-                       "ggml_sum_rows(ctx, ggml_mul(ctx, ggml_cont(ctx, ggml_permute(ctx, {}, 1, 0, 2, 3)), {}))",
-                       values, w)
-        return self._emit(base, (values.dim(0), values.dim(2)),
-                          "ggml_reshape_2d(ctx, {0}, {0}->ne[1], {0}->ne[2])", p)
+    def compress_pool(self, rows: Value, d: Any, overlap: bool, name: str | None = None) -> Value:
+        """u[ch, j] = Σ_m softmax_m(z_m[ch])·v_m[ch] over the members m of block j: a softmax over
+        the members of each block, independently per channel (§3.5, §7 #19). With `overlap`
+        (ratio 4) the 2r members are the r previous-block tokens, which use features [0, d), then
+        the r current-block tokens, features [d, 2d) (§7 #18). `rows` is the runtime's
+        CompressorRows (ring and batch rows ne{c·d, ·}, member rows of concat(ring, batch));
+        one fused op gathers and pools them (native/ops/ops.h). -> ne{d, nb}."""
+        self._check(rows.shape is None, f"compress_pool: {rows!r} must be the runtime's CompressorRows")
+        d = lift(d)
+        return self._emit(name or "pooled", (d, N_BLOCKS),
+                          "ops::compress_pool(ctx, {0}.ring_kv, {0}.kv, {0}.ring_score, {0}.score, {0}.members, "
+                          "{0}.n_blocks, " + ("true" if overlap else "false") + ")", rows)
 
     def entries(self, pooled: Value, name: str | None = None) -> Value:
         """ne{d, nb} -> ne{d, 1, nb}: one single-head entry per block (the shape rope takes)."""

@@ -290,21 +290,14 @@ def compress(b, L, x):
     the batch completes, norms and ropes each entry at its block's first position, writes it
     into the layer's cache and returns the cache rows the batch may see."""
     stream, r, d, w = L.stream, L.ratio, L.width, L.w
-    n_members = 2 * r if r == 4 else r
     a = b.linear(getattr(L, w + "_kv"), x)                       # values
     ape = b.get_rows(getattr(L, w + "_ape"), b.call("ape_row", (T,), f"s.ape_rows(Stream::{stream})",
                                                     dtype="i32"))  # APE row pos mod r ...
     z = b.add(b.linear(getattr(L, w + "_gate"), x), ape)         # ... on the gate logits only
     rows = b.call("rows", None, f"s.compressor_rows(il, Stream::{stream}, {{}}, {{}})", a, z,
-                  ctype="CompressorRows", comment="members of the blocks completed in this batch")
-    member = b.members(rows, {"values": ((a.dim(0), n_members, N_BLOCKS), "f32"),
-                              "logits": ((a.dim(0), n_members, N_BLOCKS), "f32")})
-    if r == 4:   # overlapping windows: previous block's first half + current block's second half
-        values = b.overlap_halves(member["values"], d, r)
-        logits = b.overlap_halves(member["logits"], d, r)
-    else:
-        values, logits = member["values"], member["logits"]
-    pooled = b.gated_pool(values, logits)
+                  ctype="CompressorRows", comment="the ring and this batch; the members of each block")
+    # overlapping windows (ratio 4): previous block's first half + current block's second half
+    pooled = b.compress_pool(rows, d, overlap=r == 4)
     entry = b.entries(b.rms_norm(pooled, getattr(L, w + "_norm")))
     entry = b.rope(entry, b.call("block_pos", (N_BLOCKS,), f"s.block_positions(Stream::{stream})",
                                  dtype="i32"))               # at the block's first token j·r (§7 #6)

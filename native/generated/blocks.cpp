@@ -5,6 +5,7 @@
 #include "blocks.h"
 
 #include "error.h"
+#include "ops.h"
 
 #include <cmath>
 
@@ -52,29 +53,15 @@ HcSplit hc_pre(Step & s, ggml_tensor * X, ggml_tensor * fn, ggml_tensor * scale,
 ggml_tensor * compress_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
-    const int64_t head_dim = hp.head_dim;
 
     ggml_tensor * a = ggml_mul_mat(ctx, L.attn_compressor_kv, x);
     ggml_tensor * ape_row = s.ape_rows(Stream::CSA);
     ggml_tensor * ape = ggml_get_rows(ctx, L.attn_compressor_ape, ape_row);
     ggml_tensor * attn_compressor_gate = ggml_mul_mat(ctx, L.attn_compressor_gate, x);
     ggml_tensor * z = ggml_add(ctx, attn_compressor_gate, ape);
-    // members of the blocks completed in this batch
+    // the ring and this batch; the members of each block
     CompressorRows rows = s.compressor_rows(il, Stream::CSA, a, z);
-    // previous block: first half of the features
-    ggml_tensor * values_prev = ggml_cont(ctx, ggml_view_3d(ctx, rows.values, head_dim, 4, rows.values->ne[2], rows.values->nb[1], rows.values->nb[2], 0));
-    // current block: second half of the features
-    ggml_tensor * values_cur = ggml_cont(ctx, ggml_view_3d(ctx, rows.values, head_dim, 4, rows.values->ne[2], rows.values->nb[1], rows.values->nb[2], 4 * rows.values->nb[1] + head_dim * ggml_element_size(rows.values)));
-    ggml_tensor * values = ggml_concat(ctx, values_prev, values_cur, 1);
-    // previous block: first half of the features
-    ggml_tensor * logits_prev = ggml_cont(ctx, ggml_view_3d(ctx, rows.logits, head_dim, 4, rows.logits->ne[2], rows.logits->nb[1], rows.logits->nb[2], 0));
-    // current block: second half of the features
-    ggml_tensor * logits_cur = ggml_cont(ctx, ggml_view_3d(ctx, rows.logits, head_dim, 4, rows.logits->ne[2], rows.logits->nb[1], rows.logits->nb[2], 4 * rows.logits->nb[1] + head_dim * ggml_element_size(rows.logits)));
-    ggml_tensor * logits = ggml_concat(ctx, logits_prev, logits_cur, 1);
-    // members on ne0: softmax over the members of each channel
-    ggml_tensor * pooled_weights = ggml_soft_max(ctx, ggml_cont(ctx, ggml_permute(ctx, logits, 1, 0, 2, 3)));
-    ggml_tensor * pooled_sum = ggml_sum_rows(ctx, ggml_mul(ctx, ggml_cont(ctx, ggml_permute(ctx, values, 1, 0, 2, 3)), pooled_weights));
-    ggml_tensor * pooled = ggml_reshape_2d(ctx, pooled_sum, pooled_sum->ne[1], pooled_sum->ne[2]);
+    ggml_tensor * pooled = ops::compress_pool(ctx, rows.ring_kv, rows.kv, rows.ring_score, rows.score, rows.members, rows.n_blocks, true);
     ggml_tensor * pooled_norm = ggml_mul(ctx, ggml_rms_norm(ctx, pooled, hp.norm_eps), L.attn_compressor_norm);
     ggml_tensor * entry = ggml_reshape_3d(ctx, pooled_norm, pooled_norm->ne[0], 1, pooled_norm->ne[1]);
     ggml_tensor * block_pos = s.block_positions(Stream::CSA);
@@ -97,12 +84,9 @@ ggml_tensor * compress_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_t
     ggml_tensor * ape = ggml_get_rows(ctx, L.attn_compressor_ape, ape_row);
     ggml_tensor * attn_compressor_gate = ggml_mul_mat(ctx, L.attn_compressor_gate, x);
     ggml_tensor * z = ggml_add(ctx, attn_compressor_gate, ape);
-    // members of the blocks completed in this batch
+    // the ring and this batch; the members of each block
     CompressorRows rows = s.compressor_rows(il, Stream::HCA, a, z);
-    // members on ne0: softmax over the members of each channel
-    ggml_tensor * pooled_weights = ggml_soft_max(ctx, ggml_cont(ctx, ggml_permute(ctx, rows.logits, 1, 0, 2, 3)));
-    ggml_tensor * pooled_sum = ggml_sum_rows(ctx, ggml_mul(ctx, ggml_cont(ctx, ggml_permute(ctx, rows.values, 1, 0, 2, 3)), pooled_weights));
-    ggml_tensor * pooled = ggml_reshape_2d(ctx, pooled_sum, pooled_sum->ne[1], pooled_sum->ne[2]);
+    ggml_tensor * pooled = ops::compress_pool(ctx, rows.ring_kv, rows.kv, rows.ring_score, rows.score, rows.members, rows.n_blocks, false);
     ggml_tensor * pooled_norm = ggml_mul(ctx, ggml_rms_norm(ctx, pooled, hp.norm_eps), L.attn_compressor_norm);
     ggml_tensor * entry = ggml_reshape_3d(ctx, pooled_norm, pooled_norm->ne[0], 1, pooled_norm->ne[1]);
     ggml_tensor * block_pos = s.block_positions(Stream::HCA);
@@ -119,29 +103,15 @@ ggml_tensor * compress_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_t
 ggml_tensor * compress_indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
-    const int64_t indexer_head_dim = hp.indexer_head_dim;
 
     ggml_tensor * a = ggml_mul_mat(ctx, L.indexer_compressor_kv, x);
     ggml_tensor * ape_row = s.ape_rows(Stream::INDEXER);
     ggml_tensor * ape = ggml_get_rows(ctx, L.indexer_compressor_ape, ape_row);
     ggml_tensor * indexer_compressor_gate = ggml_mul_mat(ctx, L.indexer_compressor_gate, x);
     ggml_tensor * z = ggml_add(ctx, indexer_compressor_gate, ape);
-    // members of the blocks completed in this batch
+    // the ring and this batch; the members of each block
     CompressorRows rows = s.compressor_rows(il, Stream::INDEXER, a, z);
-    // previous block: first half of the features
-    ggml_tensor * values_prev = ggml_cont(ctx, ggml_view_3d(ctx, rows.values, indexer_head_dim, 4, rows.values->ne[2], rows.values->nb[1], rows.values->nb[2], 0));
-    // current block: second half of the features
-    ggml_tensor * values_cur = ggml_cont(ctx, ggml_view_3d(ctx, rows.values, indexer_head_dim, 4, rows.values->ne[2], rows.values->nb[1], rows.values->nb[2], 4 * rows.values->nb[1] + indexer_head_dim * ggml_element_size(rows.values)));
-    ggml_tensor * values = ggml_concat(ctx, values_prev, values_cur, 1);
-    // previous block: first half of the features
-    ggml_tensor * logits_prev = ggml_cont(ctx, ggml_view_3d(ctx, rows.logits, indexer_head_dim, 4, rows.logits->ne[2], rows.logits->nb[1], rows.logits->nb[2], 0));
-    // current block: second half of the features
-    ggml_tensor * logits_cur = ggml_cont(ctx, ggml_view_3d(ctx, rows.logits, indexer_head_dim, 4, rows.logits->ne[2], rows.logits->nb[1], rows.logits->nb[2], 4 * rows.logits->nb[1] + indexer_head_dim * ggml_element_size(rows.logits)));
-    ggml_tensor * logits = ggml_concat(ctx, logits_prev, logits_cur, 1);
-    // members on ne0: softmax over the members of each channel
-    ggml_tensor * pooled_weights = ggml_soft_max(ctx, ggml_cont(ctx, ggml_permute(ctx, logits, 1, 0, 2, 3)));
-    ggml_tensor * pooled_sum = ggml_sum_rows(ctx, ggml_mul(ctx, ggml_cont(ctx, ggml_permute(ctx, values, 1, 0, 2, 3)), pooled_weights));
-    ggml_tensor * pooled = ggml_reshape_2d(ctx, pooled_sum, pooled_sum->ne[1], pooled_sum->ne[2]);
+    ggml_tensor * pooled = ops::compress_pool(ctx, rows.ring_kv, rows.kv, rows.ring_score, rows.score, rows.members, rows.n_blocks, true);
     ggml_tensor * pooled_norm = ggml_mul(ctx, ggml_rms_norm(ctx, pooled, hp.norm_eps), L.indexer_compressor_norm);
     ggml_tensor * entry = ggml_reshape_3d(ctx, pooled_norm, pooled_norm->ne[0], 1, pooled_norm->ne[1]);
     ggml_tensor * block_pos = s.block_positions(Stream::INDEXER);

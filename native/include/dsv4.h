@@ -165,6 +165,20 @@ DSV4_API const char * dsv4_version(void);
  * imatrix: n_per_row importance weights, required by the IQ2/IQ1 types). *written = bytes. */
 DSV4_API dsv4_status dsv4_quantize(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row,
                                    const float * imatrix, void * dst, size_t dst_capacity, size_t * written);
+/* Runs our fused compressor pooling op (native/ops/ops.h) once on `backend` with n_threads CPU
+ * threads (for tests of each implementation against the reference). ring_kv, ring_score: width ×
+ * ring_rows floats; kv, score: width × n_tokens; rows: members·n_blocks rows of concat(ring, batch);
+ * out: d × n_blocks floats, d = width / 2 with `overlap` (the first members/2 members of a block
+ * read features [0, d), the rest [d, 2d)), else d = width. */
+DSV4_API dsv4_status dsv4_op_compress_pool(int32_t backend, int32_t n_threads, int64_t width, int64_t ring_rows,
+                                           int64_t n_tokens, int64_t n_blocks, int64_t members, bool overlap,
+                                           const float * ring_kv, const float * kv, const float * ring_score,
+                                           const float * score, const int32_t * rows, float * out);
+/* Runs our fused indexer top-k mask op (native/ops/ops.h) once on `backend`: scores, out: n × T
+ * floats (column t: query t); out is 0 at the k highest finite scores of each column (ties: the
+ * lower index) and -inf elsewhere. */
+DSV4_API dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
+                                       const float * scores, float * out);
 /* Block size (elements) and block bytes of a ggml type; 0 for types that do not exist. */
 DSV4_API dsv4_status dsv4_type_size(int32_t type, int64_t * block_size, size_t * block_bytes);
 DSV4_API const char * dsv4_last_error(void);

@@ -19,6 +19,9 @@
 
 namespace {
 
+using dsv4::guarded;
+using dsv4::require;
+
 // ggml's own log: warnings and errors go to stderr; its info and debug lines (one per repacked
 // tensor, per allocated buffer, ...) only with DSV4_VERBOSE=1.
 void ggml_log(ggml_log_level level, const char * text, void *) {
@@ -35,32 +38,6 @@ void ggml_log(ggml_log_level level, const char * text, void *) {
 void install_ggml_log() {
     static std::once_flag once;
     std::call_once(once, [] { ggml_log_set(ggml_log, nullptr); });
-}
-
-template <typename F> dsv4_status guarded(F && fn) {
-    try {
-        fn();
-        dsv4::set_last_error("");
-        return DSV4_OK;
-    } catch (const dsv4::Error & e) {
-        dsv4::set_last_error(e.what());
-        return e.status();
-    } catch (const std::bad_alloc &) {
-        dsv4::set_last_error("out of memory");
-        return DSV4_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception & e) {
-        dsv4::set_last_error(std::string("internal error: ") + e.what());
-        return DSV4_ERR_INTERNAL;
-    } catch (...) {
-        dsv4::set_last_error("internal error: unknown exception");
-        return DSV4_ERR_INTERNAL;
-    }
-}
-
-void require(const void * p, const char * what) {
-    if (p == nullptr) {
-        dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "%s must not be NULL", what);
-    }
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #ifdef DSV4_WITH_CUDA
 #include "ggml-cuda.h"
+#include "ops.h"
 #endif
 
 namespace dsv4 {
@@ -26,6 +27,7 @@ ggml_backend_t make_backend(int32_t kind, int n_threads) {
         if (ggml_backend_cuda_get_device_count() < 1) {
             fail(DSV4_ERR_BACKEND, "no CUDA device is available");
         }
+        ops::register_cuda_ops();  // our custom ops run on the device too
         ggml_backend_t b = ggml_backend_cuda_init(0);
         if (b == nullptr) {
             fail(DSV4_ERR_BACKEND, "cannot initialise CUDA device 0");

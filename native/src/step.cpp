@@ -1,6 +1,7 @@
 #include "step.h"
 
 #include "error.h"
+#include "ops.h"
 #include "ggml-backend.h"
 
 #include <algorithm>
@@ -284,14 +285,10 @@ CompressorRows Step::compressor_rows(uint32_t il, Stream st, ggml_tensor * a, gg
     RatioInputs & in = inputs(st);
     const RatioPlan & p = ratio_plan(st);
     CompressorState & cs = state(il, st);
-    const int64_t members = p.overlap ? 2 * p.ratio : p.ratio;
-    // rows: the ring of earlier tokens, then this batch
-    ggml_tensor * values = ggml_get_rows(ctx, ggml_concat(ctx, cs.kv, a, 1), in.member_rows);
-    ggml_tensor * logits = ggml_get_rows(ctx, ggml_concat(ctx, cs.score, z, 1), in.member_rows);
+    // the ring rows this batch keeps are written after the pooling has read the old ones
     deferred_.push_back(ggml_set_rows(ctx, cs.kv, kept_rows(a, in.persist_src, p.ring_rows), in.persist_dst));
     deferred_.push_back(ggml_set_rows(ctx, cs.score, kept_rows(z, in.persist_src, p.ring_rows), in.persist_dst));
-    return {ggml_reshape_3d(ctx, values, a->ne[0], members, p.n_blocks),
-            ggml_reshape_3d(ctx, logits, z->ne[0], members, p.n_blocks)};
+    return {cs.kv, a, cs.score, z, in.member_rows, p.n_blocks};
 }
 
 ggml_tensor * Step::store(uint32_t il, Stream st, ggml_tensor * entries) {
@@ -334,9 +331,9 @@ KeySet Step::with_selected(uint32_t, const KeySet & keys, ggml_tensor * cache, g
         out.shared_mask = ggml_concat(ctx, keys.shared_mask, in.visible_f32, 0);
         return out;
     }
-    ggml_tensor * top = ggml_top_k(ctx, scores, int(k));  // ne{k, T}, any order
-    ggml_tensor * picked_score = ggml_get_rows(ctx, ggml_reshape_3d(ctx, scores, 1, n_view, n_tokens), top);
     if (n_tokens == 1) {
+        ggml_tensor * top = ggml_top_k(ctx, scores, int(k));  // ne{k, 1}, any order
+        ggml_tensor * picked_score = ggml_get_rows(ctx, ggml_reshape_3d(ctx, scores, 1, n_view, n_tokens), top);
         // decode: gather the k picked entries
         ggml_tensor * picked = ggml_get_rows(ctx, cache, ggml_reshape_1d(ctx, top, k));
         out.own = ggml_reshape_3d(ctx, picked, cache->ne[0], k, 1);
@@ -347,12 +344,9 @@ KeySet Step::with_selected(uint32_t, const KeySet & keys, ggml_tensor * cache, g
         return out;
     }
     // a batch: every query attends to the whole cache view through a mask that is 0 only at its
-    // own picks (and the causal visibility mask, which also removes picks of hidden blocks)
-    ggml_tensor * none = ggml_fill(ctx, ggml_reshape_3d(ctx, scores, 1, n_view, n_tokens), -INFINITY);
-    ggml_tensor * zeros = ggml_fill(ctx, picked_score, 0.0f);
-    ggml_tensor * picks = ggml_reshape_2d(ctx, ggml_set_rows(ctx, none, zeros, top), n_view, n_tokens);
+    // own picks (the scores are −inf at hidden blocks, which are never picked)
     out.shared = ggml_concat(ctx, keys.shared, as_f32(cache, in.view_rows), 1);
-    out.shared_mask = ggml_concat(ctx, keys.shared_mask, ggml_add(ctx, in.visible_f32, picks), 0);
+    out.shared_mask = ggml_concat(ctx, keys.shared_mask, ops::topk_mask(ctx, scores, k), 0);
     return out;
 }
 

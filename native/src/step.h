@@ -50,9 +50,16 @@ struct KeySet {
     ggml_tensor * own_mask = nullptr;     // ne{k, T} f32
 };
 
+// The rows a compressor pools in one micro-batch: the ring of earlier tokens and this batch's
+// rows (values and gate logits), and each block's members as rows of concat(ring, batch)
+// (native/ops/ops.h: compress_pool gathers them itself, nothing is concatenated).
 struct CompressorRows {
-    ggml_tensor * values;  // ne{c·d, members, n_blocks}
-    ggml_tensor * logits;  // ne{c·d, members, n_blocks}
+    ggml_tensor * ring_kv;     // ne{c·d, ring rows}
+    ggml_tensor * kv;          // ne{c·d, T}
+    ggml_tensor * ring_score;  // ne{c·d, ring rows}
+    ggml_tensor * score;       // ne{c·d, T}
+    ggml_tensor * members;     // i32 ne{members·n_blocks}
+    int64_t n_blocks;
 };
 
 // Persistent per-layer state in the session's cache buffer (§4.1).

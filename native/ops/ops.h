@@ -1,0 +1,58 @@
+// Our own fused ggml ops (GGML_OP_CUSTOM): a CPU implementation that ggml's CPU backend runs
+// and, in CUDA builds, a CUDA twin that ggml-cuda runs through the custom-op hook our patch adds
+// (vendor/ggml/patches/0003-cuda-custom-ops.patch). Both are checked against the float64
+// reference by tests/test_ops.py (through dsv4_op_compress_pool) and, end to end, by the engine
+// tests.
+#pragma once
+
+#include "ggml.h"
+
+#include <cstdint>
+
+namespace dsv4::ops {
+
+// First op_params slot (int32) free for an op's own parameters: ggml_custom_4d keeps its call
+// (function, task count, userdata: 24 bytes) in the first ones.
+constexpr int kParamSlot = 8;
+static_assert(sizeof(ggml_tensor::op_params) >= (kParamSlot + 1) * sizeof(int32_t), "op_params too small");
+
+// Compressor pooling, fused (§3.5, §7 #18, #19): for each block b and channel i < d,
+//
+//   pooled[i, b] = Σ_m softmax_m(z_m[f(m) + i])·v_m[f(m) + i]
+//
+// where member m of block b is row rows[m + M·b] of concat(ring, batch) (rows below S = the ring's
+// row count are ring rows, the others batch rows − S), and f(m) is the feature offset: with
+// overlapping blocks (ring width 2d, ratio 4) the first M/2 members (the previous block's tokens)
+// read features [0, d) and the rest [d, 2d); otherwise (width d) every member reads [0, d).
+// Replaces two concats and two gathers of every member row plus the halves' copies, a permuted
+// softmax, a product and a row sum: 13–17 graph nodes and their buffers.
+//
+//   ring_kv, ring_score: F32 ne{c·d, S}   the compressor ring: values, gate logits (APE included)
+//   kv, score:           F32 ne{c·d, T}   this batch's values and gate logits
+//   rows:                I32 ne{M·n_blocks}
+//   result:              F32 ne{d, n_blocks}, d = c·d / 2 when `overlap`, else c·d
+ggml_tensor * compress_pool(ggml_context * ctx, ggml_tensor * ring_kv, ggml_tensor * kv, ggml_tensor * ring_score,
+                            ggml_tensor * score, ggml_tensor * rows, int64_t n_blocks, bool overlap);
+
+// The CPU implementation (ggml_custom_op_t): channels of every block split over the threads.
+void compress_pool_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
+
+// Indexer top-k as an attention mask, fused (§3.6): for each query t (column of `scores`, F32
+// ne{n, T}, −inf where block j is not visible to t), 0 at its k highest finite scores (exact
+// ties: the lower block index, as the reference's stable sort) and −inf elsewhere; every finite
+// score when there are at most k. Replaces top_k, a gather of the picked scores, two fills, a
+// scatter and the mask addition (batch steps; a decode step gathers its k entries instead).
+ggml_tensor * topk_mask(ggml_context * ctx, ggml_tensor * scores, int64_t k);
+
+void topk_mask_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
+
+#ifdef DSV4_WITH_CUDA
+// The CUDA twins: `stream` is the cudaStream_t ggml-cuda computes the graph on.
+void compress_pool_cuda(ggml_tensor * dst, void * stream);
+void topk_mask_cuda(ggml_tensor * dst, void * stream);
+
+// Registers every CUDA twin with ggml-cuda (idempotent).
+void register_cuda_ops();
+#endif
+
+}  // namespace dsv4::ops

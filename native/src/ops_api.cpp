@@ -1,0 +1,123 @@
+// The C API of our fused ops (native/ops/ops.h): each runs alone in a one-op graph on a chosen
+// backend, so that tests check every implementation (CPU, CUDA) against the reference.
+#include "dsv4.h"
+
+#include "backend.h"
+#include "error.h"
+#include "ops.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <functional>
+#include <vector>
+
+namespace {
+
+using dsv4::fail;
+
+// One op on one backend: inputs (type, shape, host data) in, the result's bytes out.
+struct Input {
+    ggml_type type;
+    int64_t ne0, ne1;
+    const void * data;
+};
+
+void run_op(const char * name, int32_t backend, int32_t n_threads, const std::vector<Input> & inputs,
+            const std::function<ggml_tensor *(ggml_context *, const std::vector<ggml_tensor *> &)> & build, void * out) {
+    struct Owned {
+        ggml_context * ctx = nullptr;
+        ggml_backend_t backend = nullptr;
+        ggml_backend_buffer_t buf = nullptr;
+        ~Owned() {
+            if (buf != nullptr) {
+                ggml_backend_buffer_free(buf);
+            }
+            if (backend != nullptr) {
+                ggml_backend_free(backend);
+            }
+            if (ctx != nullptr) {
+                ggml_free(ctx);
+            }
+        }
+    } g;
+    ggml_init_params ip = {ggml_tensor_overhead() * (inputs.size() + 4) + ggml_graph_overhead(), nullptr, true};
+    g.ctx = ggml_init(ip);
+    if (g.ctx == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "%s: cannot create a context", name);
+    }
+    g.backend = dsv4::make_backend(backend, n_threads > 0 ? n_threads : 1);
+    std::vector<ggml_tensor *> ts;
+    for (const Input & in : inputs) {
+        ts.push_back(ggml_new_tensor_2d(g.ctx, in.type, in.ne0, in.ne1));
+        ggml_set_input(ts.back());
+    }
+    ggml_tensor * res = build(g.ctx, ts);
+    ggml_cgraph * gf = ggml_new_graph(g.ctx);
+    ggml_build_forward_expand(gf, res);
+    if (!ggml_backend_supports_op(g.backend, res)) {
+        fail(DSV4_ERR_BACKEND, "%s: backend %s does not run the op", name, ggml_backend_name(g.backend));
+    }
+    g.buf = ggml_backend_alloc_ctx_tensors(g.ctx, g.backend);
+    if (g.buf == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "%s: cannot allocate the tensors", name);
+    }
+    for (size_t i = 0; i < inputs.size(); ++i) {
+        ggml_backend_tensor_set(ts[i], inputs[i].data, 0, ggml_nbytes(ts[i]));
+    }
+    if (ggml_backend_graph_compute(g.backend, gf) != GGML_STATUS_SUCCESS) {
+        fail(DSV4_ERR_INTERNAL, "%s: the graph failed on %s", name, ggml_backend_name(g.backend));
+    }
+    ggml_backend_tensor_get(res, out, 0, ggml_nbytes(res));
+}
+
+}  // namespace
+
+dsv4_status dsv4_op_compress_pool(int32_t backend, int32_t n_threads, int64_t width, int64_t ring_rows, int64_t n_tokens,
+                                  int64_t n_blocks, int64_t members, bool overlap, const float * ring_kv,
+                                  const float * kv, const float * ring_score, const float * score,
+                                  const int32_t * rows, float * out) {
+    return dsv4::guarded([&] {
+        for (const void * p : {(const void *) ring_kv, (const void *) kv, (const void *) ring_score, (const void *) score,
+                               (const void *) rows, (const void *) out}) {
+            dsv4::require(p, "compress_pool: every buffer");
+        }
+        if (width < 1 || ring_rows < 1 || n_tokens < 1 || n_blocks < 1 || members < 1 ||
+            (overlap && (width % 2 != 0 || members % 2 != 0))) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "compress_pool: bad shape (width %lld, ring %lld, tokens %lld, blocks %lld, "
+                 "members %lld, overlap %d)", (long long) width, (long long) ring_rows, (long long) n_tokens,
+                 (long long) n_blocks, (long long) members, int(overlap));
+        }
+        for (int64_t i = 0; i < members * n_blocks; ++i) {
+            if (rows[i] < 0 || rows[i] >= ring_rows + n_tokens) {
+                fail(DSV4_ERR_INVALID_ARGUMENT, "compress_pool: rows[%lld] = %d is outside the %lld ring and batch rows",
+                     (long long) i, int(rows[i]), (long long) (ring_rows + n_tokens));
+            }
+        }
+        run_op("compress_pool", backend, n_threads,
+               {{GGML_TYPE_F32, width, ring_rows, ring_kv}, {GGML_TYPE_F32, width, n_tokens, kv},
+                {GGML_TYPE_F32, width, ring_rows, ring_score}, {GGML_TYPE_F32, width, n_tokens, score},
+                {GGML_TYPE_I32, members * n_blocks, 1, rows}},
+               [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
+                   return dsv4::ops::compress_pool(ctx, t[0], t[1], t[2], t[3], t[4], n_blocks, overlap);
+               },
+               out);
+    });
+}
+
+dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
+                              const float * scores, float * out) {
+    return dsv4::guarded([&] {
+        dsv4::require(scores, "scores");
+        dsv4::require(out, "out");
+        if (n < 1 || n_tokens < 1 || k < 1) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "topk_mask: bad shape (n %lld, tokens %lld, k %lld)", (long long) n,
+                 (long long) n_tokens, (long long) k);
+        }
+        run_op("topk_mask", backend, n_threads, {{GGML_TYPE_F32, n, n_tokens, scores}},
+               [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
+                   return dsv4::ops::topk_mask(ctx, t[0], k);
+               },
+               out);
+    });
+}

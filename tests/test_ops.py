@@ -1,0 +1,128 @@
+"""Our fused ops (native/ops/ops.h), each implementation against the float64 reference.
+
+Each op runs alone through its C API entry (dsv4_op_*) on every backend this build and machine
+have: the CPU always; CUDA where a device is present (tests/test_engine.py also runs the whole
+model on DSV4_TEST_BACKEND). The engine tests check the same ops in context.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsv4_ggml import _native
+from dsv4_ggml.errors import InvalidArgumentError
+from dsv4_ggml.model import BACKENDS
+from dsv4_ggml.reference.compressor import pool_block
+from dsv4_ggml.reference.indexer import indexer_topk
+
+
+def _backends():
+    _, lib = _native.load()
+    return [b for b in BACKENDS if lib.dsv4_backend_available(BACKENDS[b])]
+
+
+def compress_pool(backend, ring_kv, kv, ring_score, score, rows, n_blocks, overlap, n_threads=2):
+    ffi, lib = _native.load()
+    width, ring_rows, n_tokens = ring_kv.shape[1], ring_kv.shape[0], kv.shape[0]
+    d = width // 2 if overlap else width
+    out = np.empty((n_blocks, d), np.float32)
+    f32 = [np.ascontiguousarray(a, np.float32) for a in (ring_kv, kv, ring_score, score)]
+    rows = np.ascontiguousarray(rows, np.int32)
+    ptr = lambda a, t: ffi.cast(t, a.ctypes.data)  # noqa: E731
+    _native.check(lib.dsv4_op_compress_pool(
+        BACKENDS[backend], n_threads, width, ring_rows, n_tokens, n_blocks, len(rows) // max(n_blocks, 1), overlap,
+        *(ptr(a, "float *") for a in f32), ptr(rows, "int32_t *"), ptr(out, "float *")))
+    return out
+
+
+def expected(ring_kv, kv, ring_score, score, rows, n_blocks, overlap):
+    """The reference's pooling (float64) over the members gathered from concat(ring, batch)."""
+    v_all = np.concatenate([ring_kv, kv]).astype(np.float64)
+    z_all = np.concatenate([ring_score, score]).astype(np.float64)
+    members = rows.reshape(n_blocks, -1)
+    v, z = v_all[members], z_all[members]                 # [nb, M, width]
+    if overlap:                                           # previous half [0, d), current half [d, 2d)
+        d, half = v.shape[2] // 2, members.shape[1] // 2
+        v = np.concatenate([v[:, :half, :d], v[:, half:, d:]], axis=1)
+        z = np.concatenate([z[:, :half, :d], z[:, half:, d:]], axis=1)
+    return pool_block(v, z)
+
+
+CASES = [  # (width, ring rows, tokens, blocks, members per block, overlap)
+    (2 * 512, 8, 1, 1, 8, True),        # CSA decode step: one block from the ring + 1 token
+    (2 * 128, 8, 37, 9, 8, True),       # indexer prefill micro-batch
+    (512, 128, 1, 1, 128, False),       # HCA decode step
+    (512, 128, 300, 2, 128, False),     # HCA prefill
+    (2 * 100, 8, 13, 3, 8, True),       # d not a multiple of the CPU's 64-channel tile
+    (72, 4, 5, 6, 4, False),            # more blocks than tokens (dummy blocks repeat a row)
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "w{}-S{}-T{}-nb{}-M{}{}".format(*c[:5], "-overlap" if c[5] else ""))
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_compress_pool_matches_the_reference(backend, case, n_threads):
+    width, S, T, nb, M, overlap = case
+    rng = np.random.default_rng(width + S + T + nb)
+    ring_kv, kv = rng.standard_normal((S, width)), rng.standard_normal((T, width))
+    ring_score, score = 3 * rng.standard_normal((S, width)), 3 * rng.standard_normal((T, width))
+    if overlap:   # the ring rows of a block before position 0 hold logit −inf (weight exactly 0)
+        ring_score[: S // 2] = -np.inf
+    rows = rng.integers(0, S + T, nb * M).astype(np.int32)
+    if overlap:   # the current half of each block is real: at least one finite logit per channel
+        rows.reshape(nb, M)[:, M // 2:] = rng.integers(S // 2, S + T, (nb, M // 2))
+    got = compress_pool(backend, ring_kv, kv, ring_score, score, rows, nb, overlap, n_threads)
+    want = expected(ring_kv, kv, ring_score, score, rows, nb, overlap)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{backend} {case} threads {n_threads}: max rel err {err:.1e}")
+    assert np.isfinite(got).all()
+    assert err < 1e-6
+
+
+def test_compress_pool_rejects_bad_arguments():
+    z = np.zeros((4, 8), np.float32)
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        compress_pool("cpu", z, z, z, z, np.array([0, 8, 1, 2], np.int32), 1, False)
+    with pytest.raises(InvalidArgumentError, match="bad shape"):
+        compress_pool("cpu", z[:, :7], z[:, :7], z[:, :7], z[:, :7], np.arange(4, dtype=np.int32), 1, True)
+
+
+def topk_mask(backend, scores, k, n_threads=2):
+    """scores [T, n] (row t: query t) -> mask [T, n]."""
+    ffi, lib = _native.load()
+    scores = np.ascontiguousarray(scores, np.float32)
+    out = np.empty_like(scores)
+    _native.check(lib.dsv4_op_topk_mask(BACKENDS[backend], n_threads, scores.shape[1], scores.shape[0], k,
+                                        ffi.cast("float *", scores.ctypes.data), ffi.cast("float *", out.ctypes.data)))
+    return out
+
+
+def expected_topk_mask(scores, k):
+    """The reference's selection (indexer_topk: stable sort, ties to the lower block) as a mask."""
+    n_visible = np.full(len(scores), scores.shape[1])
+    picks = indexer_topk(scores.astype(np.float64), n_visible, k)
+    want = np.full(scores.shape, -np.inf, np.float32)
+    for t, row in enumerate(picks):
+        row = row[(row >= 0) & np.isfinite(scores[t, np.maximum(row, 0)])]
+        want[t, row] = 0.0
+    return want
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("n,T,k", [(7, 3, 2), (175, 37, 16), (4096, 5, 512), (300, 1, 299), (64, 4, 100)])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_topk_mask_matches_the_reference_selection(backend, n, T, k, n_threads):
+    rng = np.random.default_rng(n * T + k)
+    scores = rng.standard_normal((T, n)).astype(np.float32)
+    scores[:, ::7] = np.round(scores[:, ::7], 1)           # exact ties: the lower index wins
+    for t in range(T):                                     # causal visibility: a prefix of the blocks
+        scores[t, rng.integers(1, n + 1):] = -np.inf
+    got = topk_mask(backend, scores, k, n_threads)
+    want = expected_topk_mask(scores, k)
+    assert np.array_equal(got, want)
+    assert ((got == 0).sum(1) == np.minimum(k, np.isfinite(scores).sum(1))).all()
+
+
+def test_topk_mask_rejects_bad_arguments():
+    with pytest.raises(InvalidArgumentError, match="bad shape"):
+        topk_mask("cpu", np.zeros((2, 4), np.float32), 0)
