@@ -2,7 +2,8 @@
 # The GPU checks of issue 8 in one call on a lent machine (`run` of the device tool, 16 cores,
 # one H100/H200), from the repository root. Writes everything under $OUT (default /tmp/gpu-out).
 #   stage build : venv, ggml + libdsv4 with CUDA for sm_90 (timed)
-#   stage test  : tests/test_engine.py on backend cuda (tiny models and golden, same 1e-4 bound)
+#   stage test  : tests/test_ops.py (our fused ops' CUDA twins vs the reference), then
+#                 tests/test_engine.py on backend cuda (tiny models and golden, same 1e-4 bound)
 #   stage bench : HBM bandwidth (benchmarks/hbmbw.cu), the full-width stack (make_bench_model.py
 #                 --wide), `dsv4-ggml bench --backend cuda`, then llama.cpp CUDA (llama-bench
 #                 from the same pinned sdist, outside the repo) on the same file
@@ -29,6 +30,8 @@ fi
 export DSV4_LIBRARY=$PWD/build/cuda/libdsv4.so PYTHONPATH=$PWD
 
 if [[ $STAGE == test || $STAGE == all ]]; then
+    python -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda \
+        --junitxml="$OUT/test_ops_cuda.xml" || echo "test: op FAILURES (see above)"
     DSV4_TEST_BACKEND=cuda python -m pytest -q -p no:cacheprovider tests/test_engine.py -k "reference or golden" \
         --junitxml="$OUT/test_engine_cuda.xml" || echo "test: FAILURES (see above)"
 fi

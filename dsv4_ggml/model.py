@@ -63,12 +63,12 @@ class Model:
     `n_gpu_layers` trunk layers (None: all, with the output head) in device memory and runs
     their ops there; `experts_on_host=True` keeps the routed experts in host memory, where
     the CPU runs them (a model larger than the card). The token embedding stays on the host.
-    On the CPU, `repack=True` ("auto") copies the quantized attention, shared-expert and
-    output-head matrices into ggml's AMX layout where the CPU has AMX and the matrix fits it,
-    else into ggml's interleaved layout where one exists for its type (faster prefill and
-    decode); "amx" and "interleaved" use only that layout, False ("none") none. Routed experts
-    and every other weight are read from the mapped file in place (`tensors` shows where each
-    weight lives).
+    On the CPU, `repack=True` ("auto") copies the quantized matrices into ggml's AMX layout
+    where the CPU has AMX and the matrix fits it (routed experts included), else the
+    non-expert ones into ggml's interleaved layout where one exists for their type (faster
+    prefill and decode; the copies live in process memory); "amx" and "interleaved" use only
+    that layout, False ("none") reads every weight from the mapped file in place (`tensors`
+    shows where each weight lives).
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,

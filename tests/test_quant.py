@@ -88,7 +88,8 @@ def test_every_cpu_weight_layout_within_bound(tmp_path, prompt, wtype):
         used[layout] = placed
         for t in m.tensors:
             if t.placement != "mapped":
-                assert t.type not in ("f32", "f16", "bf16", "i32") and "_exps" not in t.name and t.name != "token_embd.weight", t
+                assert t.type not in ("f32", "f16", "bf16", "i32") and t.name != "token_embd.weight", t
+                assert "_exps" not in t.name or t.placement == "AMX", t   # experts: AMX layout only
         err = rel_err(m.eval(prompt), ref)
         m.close()
         print(f"{wtype} repack={layout}: {dict(placed)} worst {err.max():.2e}")

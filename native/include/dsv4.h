@@ -55,8 +55,9 @@ typedef enum dsv4_backend {
     DSV4_BACKEND_CUDA = 1
 } dsv4_backend;
 
-/* CPU weight layouts: which quantized non-expert matrices are copied out of the mapped file
- * into one of ggml's re-laid-out buffers at load (routed experts are always read in place). */
+/* CPU weight layouts: which quantized matrices are copied out of the mapped file into one of
+ * ggml's re-laid-out buffers at load (routed experts: the AMX layout only, through our patch
+ * 0004; the interleaved one slows their prefill). A copied matrix lives in process memory. */
 typedef enum dsv4_repack {
     DSV4_REPACK_NONE = 0,         /* read every weight in place */
     DSV4_REPACK_AUTO = 1,         /* AMX where the CPU and the matrix allow it, else interleaved */

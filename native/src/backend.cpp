@@ -72,14 +72,17 @@ ggml_backend_buffer_type_t cpu_extra_buffer_type(const char * name) {
     return nullptr;
 }
 
-// Whether ggml computes our uses of `t` from `buft`: the graph reads a quantized non-expert matrix
-// only as src0 of a MUL_MAT with contiguous F32 activations (native/generated/blocks.cpp), except
-// token_embd (GET_ROWS) and attn_output_a (a 3-D batched MUL_MAT over permuted activations); the
-// routed experts' MUL_MAT_ID stays in place (repacked, prefill gets slower: benchmarks/RESULTS.md).
-// The rest is ggml's own answer for a MUL_MAT of `t` placed in `buft`.
+// Whether ggml computes our uses of `t` from `buft`: the graph reads a quantized matrix as src0
+// of a MUL_MAT with contiguous F32 activations (native/generated/blocks.cpp), except token_embd
+// (GET_ROWS) and attn_output_a (a 3-D batched MUL_MAT over permuted activations), and the routed
+// experts as src0 of MUL_MAT_ID. Experts go to the AMX layout only: ggml's interleaved
+// MUL_MAT_ID makes prefill slower (benchmarks/RESULTS.md). The rest is ggml's own answer for
+// that op with `t` placed in `buft`.
 bool cpu_layout_accepts(ggml_backend_buffer_type_t buft, const ggml_tensor * t, const std::string & name) {
-    if (!ggml_is_quantized(t->type) || is_routed_expert(name) || name == "token_embd.weight" ||
-        name.find("attn_output_a") != std::string::npos || t->ne[2] != 1 || t->ne[3] != 1) {
+    const bool expert = is_routed_expert(name);
+    if (!ggml_is_quantized(t->type) || name == "token_embd.weight" || name.find("attn_output_a") != std::string::npos ||
+        t->ne[3] != 1 || (!expert && t->ne[2] != 1) ||
+        (expert && std::strcmp(ggml_backend_buft_name(buft), "AMX") != 0)) {
         return false;
     }
     ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, ggml_backend_buft_get_alignment(buft));
@@ -91,18 +94,23 @@ bool cpu_layout_accepts(ggml_backend_buffer_type_t buft, const ggml_tensor * t, 
     w.buffer = buf;
     w.data = ggml_backend_buffer_get_base(buf);
     ggml_backend_buffer_init_tensor(buf, &w);
-    ggml_tensor x{};
+    ggml_tensor x{};     // one token's activations
     x.type = GGML_TYPE_F32;
     x.ne[0] = t->ne[0];
     x.ne[1] = x.ne[2] = x.ne[3] = 1;
     x.nb[0] = sizeof(float);
     x.nb[1] = x.nb[2] = x.nb[3] = size_t(t->ne[0]) * sizeof(float);
+    ggml_tensor ids{};   // one expert slot
+    ids.type = GGML_TYPE_I32;
+    ids.ne[0] = ids.ne[1] = ids.ne[2] = ids.ne[3] = 1;
+    ids.nb[0] = ids.nb[1] = ids.nb[2] = ids.nb[3] = sizeof(int32_t);
     ggml_tensor y = x;
-    y.op = GGML_OP_MUL_MAT;
+    y.op = expert ? GGML_OP_MUL_MAT_ID : GGML_OP_MUL_MAT;
     y.ne[0] = t->ne[1];
     y.nb[1] = y.nb[2] = y.nb[3] = size_t(t->ne[1]) * sizeof(float);
     y.src[0] = &w;
     y.src[1] = &x;
+    y.src[2] = expert ? &ids : nullptr;
     // CPU_REPACK marks the tensors it has a layout for in `extra`; AMX takes any type it supports
     const bool ok = w.extra != nullptr &&
                     ggml_backend_dev_supports_op(ggml_backend_buft_get_device(buft), &y);

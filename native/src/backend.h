@@ -5,8 +5,8 @@
 // what makes a model larger than the card usable: attention, shared experts, norms and HC run on
 // the GPU, the selected experts on the CPU. The token embedding stays in host memory (one row
 // per token is read). The scheduler sends each op to the backend of its weights. On the CPU,
-// every weight is read from the mapped file, except (with `repack`) the non-expert quantized
-// matrices, copied into ggml's AMX or interleaved (CPU_REPACK) layouts.
+// every weight is read from the mapped file, except (with `repack`) the quantized matrices ggml
+// has a faster layout for: copied into its AMX (experts included) or interleaved (CPU_REPACK) layouts.
 #pragma once
 
 #include "dsv4.h"
@@ -29,8 +29,9 @@ std::vector<ggml_backend_buffer_type_t> copy_buffer_types(const dsv4_model_param
 // The buffer type (one of `bufts`) weight `t` (named `name`, not yet allocated) is copied into, or
 // null: read in place. CUDA: the weights of the first n_gpu_layers layers and the output head,
 // less the token embedding and, with experts_on_host, the routed experts. CPU: the first layout
-// ggml computes our uses of the matrix from (MUL_MAT with F32 activations), never the routed
-// experts, whose repacked MUL_MAT_ID is slower in prefill (benchmarks/RESULTS.md).
+// ggml computes our uses of the matrix from (MUL_MAT with F32 activations)
+// (and MUL_MAT_ID for the routed experts, which go to the AMX layout only: ggml's interleaved
+// MUL_MAT_ID is slower in prefill, benchmarks/RESULTS.md).
 ggml_backend_buffer_type_t weight_buffer_type(const dsv4_model_params & p, const dsv4_hparams & hp,
                                               const std::vector<ggml_backend_buffer_type_t> & bufts,
                                               const ggml_tensor * t, const std::string & name);
