@@ -1,7 +1,7 @@
 // Our own fused ggml ops (GGML_OP_CUSTOM): a CPU implementation that ggml's CPU backend runs
 // and, in CUDA builds, a CUDA twin that ggml-cuda runs through the custom-op hook our patch adds
 // (vendor/ggml/patches/0003-cuda-custom-ops.patch). Both are checked against the float64
-// reference by tests/test_ops.py (through dsv4_op_compress_pool) and, end to end, by the engine
+// reference by tests/test_ops.py (through the dsv4_op_* C entries) and, end to end, by the engine
 // tests.
 #pragma once
 
