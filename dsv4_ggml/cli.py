@@ -43,8 +43,9 @@ def add_backend_arguments(p) -> None:
     p.add_argument("--experts-on-host", action="store_true",
                    help="CUDA: keep the routed experts in host memory and run them on the CPU")
     p.add_argument("--repack", default="auto", choices=("auto", "amx", "interleaved", "none"),
-                   help="CPU: layout of the quantized non-expert matrices: auto (AMX where the CPU has it, else "
-                        "ggml's interleaved layout), amx, interleaved, none (read in place); default auto")
+                   help="CPU: layout of the quantized matrices: auto (AMX where the CPU has it, routed experts "
+                        "included; else ggml's interleaved layout for the others), amx, interleaved, none (read "
+                        "every weight in place); default auto")
     p.add_argument("--no-repack", dest="repack", action="store_const", const="none",
                    help="same as --repack none")
 

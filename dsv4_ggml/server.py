@@ -690,7 +690,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
           backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16", flash_attn: bool = True,
           default_max_tokens: int | None = None, cors_origins: list[str] | None = None,
           log_level: str = "info", n_gpu_layers: int | None = None, experts_on_host: bool = False,
-          repack: bool = True) -> None:
+          repack: bool | str = True) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C / SIGTERM). `model_path` None:
     the embedded tiny random model (a demo)."""
     _require_deps()

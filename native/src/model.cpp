@@ -7,7 +7,6 @@
 
 #include "ggml-alloc.h"
 
-
 #include <algorithm>
 
 #include <sys/mman.h>

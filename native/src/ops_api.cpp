@@ -8,6 +8,7 @@
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <functional>
 #include <vector>
@@ -25,48 +26,32 @@ struct Input {
 
 void run_op(const char * name, int32_t backend, int32_t n_threads, const std::vector<Input> & inputs,
             const std::function<ggml_tensor *(ggml_context *, const std::vector<ggml_tensor *> &)> & build, void * out) {
-    struct Owned {
-        ggml_context * ctx = nullptr;
-        ggml_backend_t backend = nullptr;
-        ggml_backend_buffer_t buf = nullptr;
-        ~Owned() {
-            if (buf != nullptr) {
-                ggml_backend_buffer_free(buf);
-            }
-            if (backend != nullptr) {
-                ggml_backend_free(backend);
-            }
-            if (ctx != nullptr) {
-                ggml_free(ctx);
-            }
-        }
-    } g;
     ggml_init_params ip = {ggml_tensor_overhead() * (inputs.size() + 4) + ggml_graph_overhead(), nullptr, true};
-    g.ctx = ggml_init(ip);
-    if (g.ctx == nullptr) {
+    ggml_context_ptr ctx(ggml_init(ip));
+    if (ctx == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "%s: cannot create a context", name);
     }
-    g.backend = dsv4::make_backend(backend, n_threads > 0 ? n_threads : 1);
+    ggml_backend_ptr be(dsv4::make_backend(backend, n_threads > 0 ? n_threads : 1));
     std::vector<ggml_tensor *> ts;
     for (const Input & in : inputs) {
-        ts.push_back(ggml_new_tensor_2d(g.ctx, in.type, in.ne0, in.ne1));
+        ts.push_back(ggml_new_tensor_2d(ctx.get(), in.type, in.ne0, in.ne1));
         ggml_set_input(ts.back());
     }
-    ggml_tensor * res = build(g.ctx, ts);
-    ggml_cgraph * gf = ggml_new_graph(g.ctx);
+    ggml_tensor * res = build(ctx.get(), ts);
+    ggml_cgraph * gf = ggml_new_graph(ctx.get());
     ggml_build_forward_expand(gf, res);
-    if (!ggml_backend_supports_op(g.backend, res)) {
-        fail(DSV4_ERR_BACKEND, "%s: backend %s does not run the op", name, ggml_backend_name(g.backend));
+    if (!ggml_backend_supports_op(be.get(), res)) {
+        fail(DSV4_ERR_BACKEND, "%s: backend %s does not run the op", name, ggml_backend_name(be.get()));
     }
-    g.buf = ggml_backend_alloc_ctx_tensors(g.ctx, g.backend);
-    if (g.buf == nullptr) {
+    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx.get(), be.get()));
+    if (buf == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "%s: cannot allocate the tensors", name);
     }
     for (size_t i = 0; i < inputs.size(); ++i) {
         ggml_backend_tensor_set(ts[i], inputs[i].data, 0, ggml_nbytes(ts[i]));
     }
-    if (ggml_backend_graph_compute(g.backend, gf) != GGML_STATUS_SUCCESS) {
-        fail(DSV4_ERR_INTERNAL, "%s: the graph failed on %s", name, ggml_backend_name(g.backend));
+    if (ggml_backend_graph_compute(be.get(), gf) != GGML_STATUS_SUCCESS) {
+        fail(DSV4_ERR_INTERNAL, "%s: the graph failed on %s", name, ggml_backend_name(be.get()));
     }
     ggml_backend_tensor_get(res, out, 0, ggml_nbytes(res));
 }
