@@ -244,6 +244,7 @@ def block_function(model: Model, blk, variant) -> dict:
                 preamble.insert(0, "const dsv4_hparams & hp = s.hp;")
     texts += preamble
     name = blk.c_name(variant)
+    preamble.insert(0, f'const Scope scope(s, "{name}");')
     where = "" if variant.when.describe() == "True" else f" (layers where {unparen(variant.when.describe())})"
     return {
         "name": name,

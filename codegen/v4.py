@@ -316,8 +316,8 @@ def indexer(b, L, x, qr):
     w = b.scale(b.linear(L.indexer_proj, x),
                 "1.0f / std::sqrt(float(hp.indexer_head_dim) * float(hp.indexer_n_head))")
     return b.call("scores", (N_VIEW, T),
-                  "ggml_lightning_indexer(ctx, {0}, ggml_reshape_3d(ctx, {1}, {1}->ne[0], 1, {1}->ne[1]), {2}, "
-                  "s.indexer_mask())", q, keys, w, comment="Σ_h w_h·relu(q_h·k_j) plus the causal mask")
+                  "ops::indexer_scores(ctx, {0}, {1}, {2}, s.indexer_mask())", q, keys, w,
+                  comment="Σ_h w_h·relu(q_h·k_j) plus the causal mask")
 
 
 @block("attention", "§3.4", params=[("x", (D, T))], output=Output((D, T)), variants=ATTENTION)

@@ -126,3 +126,79 @@ def test_topk_mask_matches_the_reference_selection(backend, n, T, k, n_threads):
 def test_topk_mask_rejects_bad_arguments():
     with pytest.raises(InvalidArgumentError, match="bad shape"):
         topk_mask("cpu", np.zeros((2, 4), np.float32), 0)
+
+
+KEY_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}
+BAD_KEY_TYPES = {"q4_0": 2}
+
+
+def indexer_scores(backend, q, keys, weights, mask, key_type="f32", n_threads=2):
+    """q [T, H, Dh], keys [n, Dh] (floats, stored as key_type; uint8: the stored bytes), weights [T, H],
+    mask [T, n] -> [T, n]."""
+    ffi, lib = _native.load()
+    T, H, Dh = q.shape
+    n = keys.shape[0]
+    stored = np.ascontiguousarray(keys) if keys.dtype == np.uint8 else quantize_keys(keys, key_type)
+    q, weights, mask = (np.ascontiguousarray(a, np.float32) for a in (q, weights, mask))
+    out = np.empty((T, n), np.float32)
+    ptr = lambda a, t="float *": ffi.cast(t, a.ctypes.data)  # noqa: E731
+    type_id = KEY_TYPES.get(key_type, BAD_KEY_TYPES.get(key_type))
+    _native.check(lib.dsv4_op_indexer_scores(BACKENDS[backend], n_threads, Dh, H, T, n, type_id, ptr(q),
+                                             ptr(stored, "void *"), ptr(weights), ptr(mask), ptr(out)))
+    return out
+
+
+def quantize_keys(keys, key_type):
+    """The bytes of `keys` in the cache type (gguf's quantizers: the same rounding as ggml's)."""
+    from gguf import GGMLQuantizationType, quants
+    if key_type == "f32":
+        return np.ascontiguousarray(keys, np.float32)
+    qt = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}[key_type]
+    return np.ascontiguousarray(quants.quantize(np.asarray(keys, np.float32), qt))
+
+
+def stored_keys(keys, key_type):
+    """The keys as the op reads them back (float64)."""
+    from gguf import GGMLQuantizationType, quants
+    if key_type == "f32":
+        return np.asarray(keys, np.float32).astype(np.float64)
+    qt = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}[key_type]
+    return quants.dequantize(quantize_keys(keys, key_type), qt).astype(np.float64).reshape(keys.shape)
+
+
+INDEXER_CASES = [  # (head_dim, heads, tokens, keys)
+    (128, 16, 1, 4096),     # decode step at depth 16k (the bench model's indexer)
+    (128, 64, 1, 300),      # DeepSeek-V4-Flash's 64 heads; keys not a multiple of the 64-key chunk
+    (128, 16, 37, 175),     # a prefill micro-batch
+    (64, 5, 3, 9),          # heads not a multiple of 16, fewer keys than one 8-key block
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: "Dh{}-H{}-T{}-n{}".format(*c))
+@pytest.mark.parametrize("key_type", list(KEY_TYPES))
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_indexer_scores_match_the_reference(backend, case, key_type, n_threads):
+    from dsv4_ggml.reference.indexer import indexer_scores as reference_scores
+    Dh, H, T, n = case
+    rng = np.random.default_rng(Dh * H + T * n)
+    q = rng.standard_normal((T, H, Dh)).astype(np.float32)
+    keys = rng.standard_normal((n, Dh)).astype(np.float32)
+    weights = (rng.standard_normal((T, H)) / np.sqrt(Dh * H)).astype(np.float32)
+    # causal visibility: query t sees a prefix of the keys (the last query sees them all)
+    visible = np.arange(n)[None, :] < np.linspace(max(1, n // 3), n, T).astype(int)[:, None]
+    mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
+    got = indexer_scores(backend, q, keys, weights, mask, key_type, n_threads)
+    want = reference_scores(q.astype(np.float64), weights.astype(np.float64), stored_keys(keys, key_type)) + mask
+    assert np.array_equal(np.isinf(got), ~visible)
+    err = np.abs(got[visible] - want[visible]).max() / np.abs(want[visible]).max()
+    print(f"{backend} {case} {key_type} threads {n_threads}: max rel err {err:.1e}")
+    assert err < 1e-5
+
+
+def test_indexer_scores_reject_bad_arguments():
+    z = np.zeros((1, 1, 8), np.float32)
+    with pytest.raises(InvalidArgumentError, match="not a multiple"):
+        indexer_scores("cpu", z, np.zeros((4, 34), np.uint8), np.zeros((1, 1)), np.zeros((1, 4)), "q8_0")
+    with pytest.raises(InvalidArgumentError, match="key type"):
+        indexer_scores("cpu", z, np.zeros((4, 18), np.uint8), np.zeros((1, 1)), np.zeros((1, 4)), "q4_0")

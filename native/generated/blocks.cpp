@@ -14,6 +14,7 @@ namespace dsv4 {
 // §3.1 embed
 // Token embeddings, copied into every hyper-connection stream.
 ggml_tensor * embed(Step & s, const Weights & W) {
+    const Scope scope(s, "embed");
     const dsv4_hparams & hp = s.hp;
     ggml_context * ctx = s.ctx;
     const int64_t hc_mult = hp.hc_mult;
@@ -27,6 +28,7 @@ ggml_tensor * embed(Step & s, const Weights & W) {
 // Mixes the streams into one sub-layer input `y` and returns the coefficients `post` and
 // `comb` that hc_post uses to write the sub-layer output back into the streams.
 HcSplit hc_pre(Step & s, ggml_tensor * X, ggml_tensor * fn, ggml_tensor * scale, ggml_tensor * base) {
+    const Scope scope(s, "hc_pre");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
     const int64_t hc_mult = hp.hc_mult;
@@ -51,6 +53,7 @@ HcSplit hc_pre(Step & s, ggml_tensor * X, ggml_tensor * fn, ggml_tensor * scale,
 // the batch completes, norms and ropes each entry at its block's first position, writes it
 // into the layer's cache and returns the cache rows the batch may see.
 ggml_tensor * compress_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "compress_csa");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
 
@@ -76,6 +79,7 @@ ggml_tensor * compress_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_t
 // the batch completes, norms and ropes each entry at its block's first position, writes it
 // into the layer's cache and returns the cache rows the batch may see.
 ggml_tensor * compress_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "compress_hca");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
 
@@ -101,6 +105,7 @@ ggml_tensor * compress_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_t
 // the batch completes, norms and ropes each entry at its block's first position, writes it
 // into the layer's cache and returns the cache rows the batch may see.
 ggml_tensor * compress_indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "compress_indexer");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
 
@@ -125,6 +130,7 @@ ggml_tensor * compress_indexer(Step & s, const LayerWeights & L, uint32_t il, gg
 // Lightning indexer scores of every visible compressed block for every query (−inf where
 // not visible); the attention keeps the top-k.
 ggml_tensor * indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x, ggml_tensor * qr) {
+    const Scope scope(s, "indexer");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
     const int64_t T = s.n_tokens;
@@ -138,7 +144,7 @@ ggml_tensor * indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor
     ggml_tensor * indexer_proj = ggml_mul_mat(ctx, L.indexer_proj, x);
     ggml_tensor * w = ggml_scale(ctx, indexer_proj, 1.0f / std::sqrt(float(hp.indexer_head_dim) * float(hp.indexer_n_head)));
     // Σ_h w_h·relu(q_h·k_j) plus the causal mask
-    ggml_tensor * out = ggml_lightning_indexer(ctx, q_rope, ggml_reshape_3d(ctx, keys, keys->ne[0], 1, keys->ne[1]), w, s.indexer_mask());
+    ggml_tensor * out = ops::indexer_scores(ctx, q_rope, keys, w, s.indexer_mask());
     return out;
 }
 
@@ -146,6 +152,7 @@ ggml_tensor * indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor
 // Attention of one layer: low-rank query, one shared key/value vector (MQA), keys from the
 // sliding window plus the layer's compressed entries, sinks, grouped low-rank output.
 ggml_tensor * attention_swa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "attention_swa");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
     const int64_t T = s.n_tokens;
@@ -180,6 +187,7 @@ ggml_tensor * attention_swa(Step & s, const LayerWeights & L, uint32_t il, ggml_
 // Attention of one layer: low-rank query, one shared key/value vector (MQA), keys from the
 // sliding window plus the layer's compressed entries, sinks, grouped low-rank output.
 ggml_tensor * attention_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "attention_csa");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
     const int64_t T = s.n_tokens;
@@ -217,6 +225,7 @@ ggml_tensor * attention_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_
 // Attention of one layer: low-rank query, one shared key/value vector (MQA), keys from the
 // sliding window plus the layer's compressed entries, sinks, grouped low-rank output.
 ggml_tensor * attention_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "attention_hca");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
     const int64_t T = s.n_tokens;
@@ -253,6 +262,7 @@ ggml_tensor * attention_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_
 // Routed experts (sqrt-softplus scores; hash routing by token id on the first layers) plus
 // the shared expert; both with the clamped SwiGLU.
 ggml_tensor * moe_hash(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "moe_hash");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
     const int64_t T = s.n_tokens;
@@ -288,6 +298,7 @@ ggml_tensor * moe_hash(Step & s, const LayerWeights & L, uint32_t il, ggml_tenso
 // Routed experts (sqrt-softplus scores; hash routing by token id on the first layers) plus
 // the shared expert; both with the clamped SwiGLU.
 ggml_tensor * moe_routed(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
+    const Scope scope(s, "moe_routed");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
     const int64_t T = s.n_tokens;
@@ -323,6 +334,7 @@ ggml_tensor * moe_routed(Step & s, const LayerWeights & L, uint32_t il, ggml_ten
 // §3.3 layer
 // One block: HC-wrapped attention, then HC-wrapped MoE.
 ggml_tensor * layer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * X) {
+    const Scope scope(s, "layer");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
 
@@ -340,6 +352,7 @@ ggml_tensor * layer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor *
 // §3.9 output_head
 // HC head (pre weights only, no Sinkhorn), final RMSNorm, LM head.
 ggml_tensor * output_head(Step & s, const Weights & W, ggml_tensor * X) {
+    const Scope scope(s, "output_head");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
 

@@ -180,6 +180,13 @@ DSV4_API dsv4_status dsv4_op_compress_pool(int32_t backend, int32_t n_threads, i
  * lower index) and -inf elsewhere. */
 DSV4_API dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
                                        const float * scores, float * out);
+/* Runs our fused lightning-indexer scores op (native/ops/ops.h) once on `backend`: q: head_dim ×
+ * n_head × n_tokens floats; keys: n_keys rows of head_dim values of ggml type key_type (f32, f16,
+ * bf16 or q8_0); weights: n_head × n_tokens; mask: n_keys × n_tokens (0 or -inf); out: n_keys ×
+ * n_tokens, out[t][j] = sum_h weights[t][h]·max(0, q[t][h]·keys[j]) + mask[t][j]. */
+DSV4_API dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
+                                            int64_t n_tokens, int64_t n_keys, int32_t key_type, const float * q,
+                                            const void * keys, const float * weights, const float * mask, float * out);
 /* Block size (elements) and block bytes of a ggml type; 0 for types that do not exist. */
 DSV4_API dsv4_status dsv4_type_size(int32_t type, int64_t * block_size, size_t * block_bytes);
 DSV4_API const char * dsv4_last_error(void);

@@ -46,10 +46,27 @@ ggml_tensor * topk_mask(ggml_context * ctx, ggml_tensor * scores, int64_t k);
 
 void topk_mask_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 
+// Lightning indexer scores (§3.6), the op of ggml_lightning_indexer (which ggml-cuda lacks):
+//
+//   out[j, t] = Σ_h w[h, t]·max(0, q[:, h, t]·k[:, j]) + mask[j, t]
+//
+// The CPU implementation broadcasts each key element against 16 heads of the query at once (the
+// heads transposed), 8 keys at a time, and skips keys the mask hides. Work: (query, 64 keys).
+//
+//   q:    F32 ne{Dh, H, T}      the indexer queries (roped)
+//   keys: ne{Dh, n}             the compressed indexer cache rows (F32, F16, BF16, Q8_0, ...)
+//   w:    F32 ne{H, T}          per-head weights (prescaled)
+//   mask: F16 or F32 ne{n, T}   0 where key j is visible to query t, −inf elsewhere
+//   result: F32 ne{n, T}
+ggml_tensor * indexer_scores(ggml_context * ctx, ggml_tensor * q, ggml_tensor * keys, ggml_tensor * w, ggml_tensor * mask);
+
+void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
+
 #ifdef DSV4_WITH_CUDA
 // The CUDA twins: `stream` is the cudaStream_t ggml-cuda computes the graph on.
 void compress_pool_cuda(ggml_tensor * dst, void * stream);
 void topk_mask_cuda(ggml_tensor * dst, void * stream);
+void indexer_scores_cuda(ggml_tensor * dst, void * stream);
 
 // Registers every CUDA twin with ggml-cuda (idempotent).
 void register_cuda_ops();

@@ -22,6 +22,7 @@ struct Input {
     ggml_type type;
     int64_t ne0, ne1;
     const void * data;
+    int64_t ne2 = 1;
 };
 
 void run_op(const char * name, int32_t backend, int32_t n_threads, const std::vector<Input> & inputs,
@@ -34,7 +35,7 @@ void run_op(const char * name, int32_t backend, int32_t n_threads, const std::ve
     ggml_backend_ptr be(dsv4::make_backend(backend, n_threads > 0 ? n_threads : 1));
     std::vector<ggml_tensor *> ts;
     for (const Input & in : inputs) {
-        ts.push_back(ggml_new_tensor_2d(ctx.get(), in.type, in.ne0, in.ne1));
+        ts.push_back(ggml_new_tensor_3d(ctx.get(), in.type, in.ne0, in.ne1, in.ne2));
         ggml_set_input(ts.back());
     }
     ggml_tensor * res = build(ctx.get(), ts);
@@ -102,6 +103,35 @@ dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int
         run_op("topk_mask", backend, n_threads, {{GGML_TYPE_F32, n, n_tokens, scores}},
                [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
                    return dsv4::ops::topk_mask(ctx, t[0], k);
+               },
+               out);
+    });
+}
+
+dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head, int64_t n_tokens,
+                                   int64_t n_keys, int32_t key_type, const float * q, const void * keys,
+                                   const float * weights, const float * mask, float * out) {
+    return dsv4::guarded([&] {
+        for (const void * p : {(const void *) q, keys, (const void *) weights, (const void *) mask, (const void *) out}) {
+            dsv4::require(p, "indexer_scores: every buffer");
+        }
+        if (head_dim < 1 || n_head < 1 || n_tokens < 1 || n_keys < 1) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: bad shape (head_dim %lld, heads %lld, tokens %lld, keys %lld)",
+                 (long long) head_dim, (long long) n_head, (long long) n_tokens, (long long) n_keys);
+        }
+        const ggml_type kt = ggml_type(key_type);
+        if (kt != GGML_TYPE_F32 && kt != GGML_TYPE_F16 && kt != GGML_TYPE_BF16 && kt != GGML_TYPE_Q8_0) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: key type %d is not f32, f16, bf16 or q8_0", int(key_type));
+        }
+        if (head_dim % ggml_blck_size(kt) != 0) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: head_dim %lld is not a multiple of %s blocks",
+                 (long long) head_dim, ggml_type_name(kt));
+        }
+        run_op("indexer_scores", backend, n_threads,
+               {{GGML_TYPE_F32, head_dim, n_head, q, n_tokens}, {kt, head_dim, n_keys, keys},
+                {GGML_TYPE_F32, n_head, n_tokens, weights}, {GGML_TYPE_F32, n_keys, n_tokens, mask}},
+               [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
+                   return dsv4::ops::indexer_scores(ctx, t[0], t[1], t[2], t[3]);
                },
                out);
     });

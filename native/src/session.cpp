@@ -33,10 +33,15 @@ CachedGraph::~CachedGraph() {
 constexpr size_t kMaxCachedGraphs = 4;
 
 struct OpProfile {
-    std::map<std::string, double> seconds;
-    std::map<std::string, int64_t> count;
+    struct Row {
+        double seconds = 0;
+        int64_t nodes = 0;
+    };
+    const char * phase = "prefill";                  // "decode": one-token micro-batches
+    std::map<std::string, int64_t> steps;           // micro-batches per phase
+    std::map<std::string, std::map<std::string, Row>> ops, blocks;  // phase → op / block·op
     std::chrono::steady_clock::time_point t0;
-    std::string pending;
+    std::string op, block;
 };
 
 
@@ -96,20 +101,56 @@ size_t max_graph_nodes(const dsv4_hparams & hp) {
 }
 
 // DSV4_PROFILE=1: time every node (through the scheduler's eval callback, which computes the
-// graph node by node: slower, but the split between ops is what matters) and print the totals
-// per op when the session ends.
+// graph node by node: slower, but the split between ops is what matters) and print, when the
+// session ends, the totals per op and per block (the generated function that made the node,
+// see Scope), prefill and decode apart.
 
 bool profile_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * p = static_cast<OpProfile *>(user_data);
     const auto now = std::chrono::steady_clock::now();
     if (ask) {
         p->t0 = now;
-        p->pending = std::string(ggml_op_desc(t));
+        p->op = ggml_op_desc(t);
+        const char * dot = std::strpbrk(t->name, ". ");
+        p->block = dot != nullptr ? std::string(t->name, size_t(dot - t->name)) : std::string(t->name);
+        if (p->block.empty()) {
+            p->block = "(session)";
+        }
         return true;
     }
-    p->seconds[p->pending] += std::chrono::duration<double>(now - p->t0).count();
-    p->count[p->pending] += 1;
+    const double dt = std::chrono::duration<double>(now - p->t0).count();
+    for (auto * row : {&p->ops[p->phase][p->op], &p->blocks[p->phase][p->block + " " + p->op]}) {
+        row->seconds += dt;
+        row->nodes += 1;
+    }
     return true;
+}
+
+void print_profile(const OpProfile & p) {
+    for (const auto & [phase, ops] : p.ops) {
+        double total = 0;
+        for (const auto & kv : ops) {
+            total += kv.second.seconds;
+        }
+        const int64_t steps = p.steps.count(phase) != 0 ? p.steps.at(phase) : 0;
+        std::fprintf(stderr, "dsv4 profile, %s: %.3f s in nodes over %lld micro-batches (%.3f ms each)\n", phase.c_str(),
+                     total, (long long) steps, 1e3 * total / double(std::max<int64_t>(steps, 1)));
+        const auto print = [&](const char * what, const std::map<std::string, OpProfile::Row> & rows, size_t max_rows) {
+            std::vector<std::pair<double, std::string>> order;
+            for (const auto & kv : rows) {
+                order.push_back({kv.second.seconds, kv.first});
+            }
+            std::sort(order.rbegin(), order.rend());
+            std::fprintf(stderr, "  by %s:\n", what);
+            for (size_t i = 0; i < order.size() && i < max_rows; ++i) {
+                const auto & r = rows.at(order[i].second);
+                std::fprintf(stderr, "    %-36s %8.3f s %5.1f%% %8lld nodes\n", order[i].second.c_str(), r.seconds,
+                             100.0 * r.seconds / std::max(total, 1e-12), (long long) r.nodes);
+            }
+        };
+        print("op", ops, 16);
+        print("block and op", p.blocks.at(phase), 24);
+    }
 }
 
 // Builds and allocates the graph of s.plan: embedding, the trunk layers, the output head, then
@@ -212,6 +253,10 @@ void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out
     CachedGraph & g = graph_for(s, graph_key(s.plan, out));
     s.current = &g;
     g.step->set_inputs();
+    if (s.profile != nullptr) {
+        s.profile->phase = T == 1 ? "decode" : "prefill";
+        s.profile->steps[s.profile->phase] += 1;
+    }
     if (ggml_backend_sched_graph_compute(g.sched, g.graph) != GGML_STATUS_SUCCESS) {
         s.current = nullptr;
         s.graphs.clear();
@@ -537,20 +582,7 @@ dsv4_session::~dsv4_session() {
     current = nullptr;
     graphs.clear();
     if (profile != nullptr) {
-        double total = 0;
-        for (const auto & kv : profile->seconds) {
-            total += kv.second;
-        }
-        std::vector<std::pair<double, std::string>> rows;
-        for (const auto & kv : profile->seconds) {
-            rows.push_back({kv.second, kv.first});
-        }
-        std::sort(rows.rbegin(), rows.rend());
-        std::fprintf(stderr, "dsv4 profile: %.3f s in nodes over %lld micro-batches\n", total, (long long) n_ubatches);
-        for (const auto & r : rows) {
-            std::fprintf(stderr, "  %-16s %8.3f s %5.1f%% %8lld nodes\n", r.second.c_str(), r.first,
-                         100.0 * r.first / std::max(total, 1e-12), (long long) profile->count[r.second]);
-        }
+        dsv4::print_profile(*profile);
     }
     if (buf_state != nullptr) {
         ggml_backend_buffer_free(buf_state);

@@ -447,4 +447,29 @@ ggml_tensor * attend(Step & s, ggml_tensor * q, const KeySet & keys, ggml_tensor
     return out;
 }
 
+ggml_tensor * Step::last_tensor() {
+    ggml_tensor * t = tail_ != nullptr ? tail_ : ggml_get_first_tensor(ctx);
+    while (t != nullptr) {
+        ggml_tensor * next = ggml_get_next_tensor(ctx, t);
+        if (next == nullptr) {
+            break;
+        }
+        t = next;
+    }
+    tail_ = t;
+    return t;
+}
+
+Scope::Scope(Step & s, const char * name) : s_(s), name_(name), mark_(s.last_tensor()) {}
+
+Scope::~Scope() {
+    ggml_context * ctx = s_.ctx;
+    for (ggml_tensor * t = mark_ != nullptr ? ggml_get_next_tensor(ctx, mark_) : ggml_get_first_tensor(ctx);
+         t != nullptr; t = ggml_get_next_tensor(ctx, t)) {
+        if (t->name[0] == '\0') {
+            ggml_set_name(t, name_);
+        }
+    }
+}
+
 }  // namespace dsv4

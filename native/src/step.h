@@ -154,6 +154,9 @@ class Step {
     ggml_tensor * indexer_mask();
     KeySet with_selected(uint32_t il, const KeySet & keys, ggml_tensor * cache, ggml_tensor * scores);
 
+    // The context's most recent tensor (nullptr when empty); tensors are only appended.
+    ggml_tensor * last_tensor();
+
     // Uploads the plan into the input tensors (after the graph is allocated).
     void set_inputs() const;
     // Cache writes that must run even when no output depends on them (a micro-batch whose
@@ -193,6 +196,22 @@ class Step {
     RatioInputs in4_, in128_;
     std::vector<ggml_tensor *> effects_;
     std::vector<ggml_tensor *> deferred_;
+    ggml_tensor * tail_ = nullptr;
+};
+
+// Names the nodes a block function creates after the block, unless a nested block (or the code)
+// named them first: DSV4_PROFILE totals time per block by these names.
+class Scope {
+  public:
+    Scope(Step & s, const char * name);
+    ~Scope();
+    Scope(const Scope &) = delete;
+    Scope & operator=(const Scope &) = delete;
+
+  private:
+    Step & s_;
+    const char * name_;
+    ggml_tensor * mark_;  // the context's last tensor when the block began (nullptr: none)
 };
 
 // Softmax attention of q ne{Dh, H, T} over a key set, with one sink logit per head (§3.4.5).
