@@ -1,5 +1,7 @@
 #include "ops.h"
 
+#include "ggml-cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -46,7 +48,12 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * m = dst->src[3];
     const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2], n = k->ne[1];
     const int64_t Hp = (H + kLanes - 1) / kLanes * kLanes;
-    const ggml_to_float_t to_float = k->type == GGML_TYPE_F32 ? nullptr : ggml_get_type_traits(k->type)->to_float;
+    // key rows to floats: ggml-cpu's vectorized conversions for F16 and BF16, else the type's own
+    const ggml_to_float_t to_float =
+        k->type == GGML_TYPE_F32    ? nullptr
+        : k->type == GGML_TYPE_F16  ? [](const void * x, float * y, int64_t n) { ggml_cpu_fp16_to_fp32(static_cast<const ggml_fp16_t *>(x), y, n); }
+        : k->type == GGML_TYPE_BF16 ? [](const void * x, float * y, int64_t n) { ggml_cpu_bf16_to_fp32(static_cast<const ggml_bf16_t *>(x), y, n); }
+                                    : ggml_get_type_traits(k->type)->to_float;
 
     // work items: (query, chunk of kChunk keys), a contiguous range per thread
     const int64_t n_chunks = (n + kChunk - 1) / kChunk;
