@@ -123,9 +123,34 @@ def test_topk_mask_matches_the_reference_selection(backend, n, T, k, n_threads):
     assert ((got == 0).sum(1) == np.minimum(k, np.isfinite(scores).sum(1))).all()
 
 
+def topk_rows(backend, scores, k, n_threads=2):
+    """scores [T, n] -> the picked block indices [T, k] (any order)."""
+    ffi, lib = _native.load()
+    scores = np.ascontiguousarray(scores, np.float32)
+    out = np.empty((scores.shape[0], k), np.int32)
+    _native.check(lib.dsv4_op_topk_rows(BACKENDS[backend], n_threads, scores.shape[1], scores.shape[0], k,
+                                        ffi.cast("float *", scores.ctypes.data), ffi.cast("int32_t *", out.ctypes.data)))
+    return out
+
+
+@pytest.mark.parametrize("n,T,k", [(4096, 1, 512), (7, 3, 2), (300, 2, 300), (64, 1, 40)])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_topk_rows_picks_the_reference_selection(n, T, k, n_threads):
+    rng = np.random.default_rng(n + T + k)
+    scores = rng.standard_normal((T, n)).astype(np.float32)
+    scores[:, ::5] = np.round(scores[:, ::5], 1)            # exact ties: the lower index wins
+    scores[0, n // 2:] = -np.inf                           # fewer than k visible in the first query (n=64)
+    got = topk_rows("cpu", scores, k, n_threads)
+    for t in range(T):
+        order = sorted(range(n), key=lambda j: (-scores[t, j], j))   # the reference's stable order
+        assert sorted(got[t].tolist()) == sorted(order[:k])
+
+
 def test_topk_mask_rejects_bad_arguments():
     with pytest.raises(InvalidArgumentError, match="bad shape"):
         topk_mask("cpu", np.zeros((2, 4), np.float32), 0)
+    with pytest.raises(InvalidArgumentError, match="bad shape"):
+        topk_rows("cpu", np.zeros((2, 4), np.float32), 5)
 
 
 KEY_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}

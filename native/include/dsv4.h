@@ -180,6 +180,11 @@ DSV4_API dsv4_status dsv4_op_compress_pool(int32_t backend, int32_t n_threads, i
  * lower index) and -inf elsewhere. */
 DSV4_API dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
                                        const float * scores, float * out);
+/* Runs our top-k selection op (native/ops/ops.h; CPU only) once: scores: n × T floats (column t:
+ * query t); out: k × T block indices, the k highest scores of each column in no particular order
+ * (ties: the lower index). */
+DSV4_API dsv4_status dsv4_op_topk_rows(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
+                                       const float * scores, int32_t * out);
 /* Runs our fused lightning-indexer scores op (native/ops/ops.h) once on `backend`: q: head_dim ×
  * n_head × n_tokens floats; keys: n_keys rows of head_dim values of ggml type key_type (f32, f16,
  * bf16 or q8_0); weights: n_head × n_tokens; mask: n_keys × n_tokens (0 or -inf); out: n_keys ×

@@ -46,6 +46,15 @@ ggml_tensor * topk_mask(ggml_context * ctx, ggml_tensor * scores, int64_t k);
 
 void topk_mask_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 
+// The indexer's top-k of a decode step as block indices (§3.6): for each column t of `scores`
+// (F32 ne{n, T}), the indices of its k highest scores, in no particular order (exact ties: the
+// lower index; −inf scores are picked only when fewer than k are finite). Result: I32 ne{k, T}.
+// ggml_top_k's CPU version partially sorts the whole column in one thread; this is a selection.
+// CPU only: CUDA steps use ggml_top_k, which ggml-cuda implements.
+ggml_tensor * topk_rows(ggml_context * ctx, ggml_tensor * scores, int64_t k);
+
+void topk_rows_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
+
 // Lightning indexer scores (§3.6), the op of ggml_lightning_indexer (which ggml-cuda lacks):
 //
 //   out[j, t] = Σ_h w[h, t]·max(0, q[:, h, t]·k[:, j]) + mask[j, t]

@@ -136,3 +136,20 @@ dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t h
                out);
     });
 }
+
+dsv4_status dsv4_op_topk_rows(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
+                              const float * scores, int32_t * out) {
+    return dsv4::guarded([&] {
+        dsv4::require(scores, "scores");
+        dsv4::require(out, "out");
+        if (n < 1 || n_tokens < 1 || k < 1 || k > n) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "topk_rows: bad shape (n %lld, tokens %lld, k %lld)", (long long) n,
+                 (long long) n_tokens, (long long) k);
+        }
+        run_op("topk_rows", backend, n_threads, {{GGML_TYPE_F32, n, n_tokens, scores}},
+               [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
+                   return dsv4::ops::topk_rows(ctx, t[0], k);
+               },
+               out);
+    });
+}

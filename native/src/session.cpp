@@ -173,6 +173,7 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     // our flash-attention form (F32 keys, attention sinks) is a CPU path; CUDA uses the
     // matmul + softmax form, which ggml-cuda covers for every head size
     st.flash_attn = s.params.flash_attn && s.cpu == nullptr;
+    st.cpu = s.cpu == nullptr;
 
     ggml_tensor * X = embed(st, m.weights);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {

@@ -332,7 +332,8 @@ KeySet Step::with_selected(uint32_t, const KeySet & keys, ggml_tensor * cache, g
         return out;
     }
     if (n_tokens == 1) {
-        ggml_tensor * top = ggml_top_k(ctx, scores, int(k));  // ne{k, 1}, any order
+        // ne{k, 1}, any order; on the CPU a selection (ties to the lower block, as the reference)
+        ggml_tensor * top = cpu ? ops::topk_rows(ctx, scores, k) : ggml_top_k(ctx, scores, int(k));
         ggml_tensor * picked_score = ggml_get_rows(ctx, ggml_reshape_3d(ctx, scores, 1, n_view, n_tokens), top);
         // decode: gather the k picked entries
         ggml_tensor * picked = ggml_get_rows(ctx, cache, ggml_reshape_1d(ctx, top, k));

@@ -134,6 +134,7 @@ class Step {
     const dsv4_hparams & hp;
     const int64_t n_tokens;
     bool flash_attn = true;   // attention through ggml_flash_attn_ext (else matmul + softmax)
+    bool cpu = true;          // the step computes on the CPU backend (CUDA sessions: false)
     ggml_tensor * positions;  // i32 [T]
     ggml_tensor * tokens;     // i32 [T]
 
