@@ -88,22 +88,22 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     }
     ggml_backend_buffer_set_usage(m.weights_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 
-    // each copied weight's buffer type; the rest is placed in the mapped file
+    // each copied weight's buffer type (an index into bufts; -1: placed in the mapped file)
     const std::vector<ggml_backend_buffer_type_t> bufts = copy_buffer_types(p);
-    std::vector<ggml_backend_buffer_type_t> target(bound.size(), nullptr);
+    std::vector<int> target(bound.size(), -1);
     std::vector<size_t> bytes(bufts.size(), 0);
     for (size_t i = 0; i < bound.size(); ++i) {
-        target[i] = weight_buffer_type(p, m.hp, bufts, bound[i].tensor, bound[i].info->name);
-        for (size_t k = 0; k < bufts.size(); ++k) {
-            if (target[i] == bufts[k]) {
-                bytes[k] += GGML_PAD(ggml_backend_buft_get_alloc_size(bufts[k], bound[i].tensor),
-                                     ggml_backend_buft_get_alignment(bufts[k]));
+        ggml_backend_buffer_type_t buft = weight_buffer_type(p, m.hp, bufts, bound[i].tensor, bound[i].info->name);
+        if (buft == nullptr) {
+            if (ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) != GGML_STATUS_SUCCESS) {
+                fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
             }
+            continue;
         }
-        if (target[i] == nullptr &&
-            ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) != GGML_STATUS_SUCCESS) {
-            fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
-        }
+        const auto k = size_t(std::find(bufts.begin(), bufts.end(), buft) - bufts.begin());
+        GGML_ASSERT(k < bufts.size());
+        target[i] = int(k);
+        bytes[k] += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor), ggml_backend_buft_get_alignment(buft));
     }
     size_t device_bytes = 0;
     for (size_t k = 0; k < bufts.size(); ++k) {
@@ -124,7 +124,7 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         ggml_tallocr ta = ggml_tallocr_new(buf);
         for (size_t i = 0; i < bound.size(); ++i) {
-            if (target[i] == bufts[k] && ggml_tallocr_alloc(&ta, bound[i].tensor) != GGML_STATUS_SUCCESS) {
+            if (target[i] == int(k) && ggml_tallocr_alloc(&ta, bound[i].tensor) != GGML_STATUS_SUCCESS) {
                 fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s' in a %s buffer", bound[i].info->name.c_str(),
                      ggml_backend_buft_name(bufts[k]));
             }
@@ -145,7 +145,7 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     volatile uint8_t sink = 0;
     for (size_t i = 0; i < bound.size(); ++i) {
         const GgufTensorInfo & ti = *bound[i].info;
-        if (target[i] != nullptr) {
+        if (target[i] >= 0) {
             ggml_backend_tensor_set(bound[i].tensor, base + ti.offset, 0, ti.nbytes);
             // the copy is all the graph reads: release the mapped pages it came from
             const uint64_t lo = (ti.offset + uint64_t(page) - 1) / uint64_t(page) * uint64_t(page);

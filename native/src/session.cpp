@@ -20,16 +20,6 @@
 
 namespace dsv4 {
 
-CachedGraph::~CachedGraph() {
-    step.reset();
-    if (sched != nullptr) {
-        ggml_backend_sched_free(sched);
-    }
-    if (ctx != nullptr) {
-        ggml_free(ctx);
-    }
-}
-
 constexpr size_t kMaxCachedGraphs = 4;
 
 struct OpProfile {
@@ -60,7 +50,7 @@ void fill_f32(ggml_tensor * t, float value) {
 // Zeroes every state tensor and sets the compressor logit planes to -inf: ring rows that no
 // token has written yet must get weight exactly 0 in the pooling (§4.2, §7 #29).
 void clear_state(dsv4_session & s) {
-    ggml_backend_buffer_clear(s.buf_state, 0);
+    ggml_backend_buffer_clear(s.buf_state.get(), 0);
     for (LayerState & L : s.layers) {
         for (CompressorState * cs : {&L.main, &L.index}) {
             if (cs->score != nullptr) {
@@ -163,12 +153,12 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     const size_t max_nodes = max_graph_nodes(hp);
     const size_t mem = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
     g->mem.resize(mem);
-    g->ctx = ggml_init({mem, g->mem.data(), true});
+    g->ctx.reset(ggml_init({mem, g->mem.data(), true}));
     if (g->ctx == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot create the graph context");
     }
-    g->graph = ggml_new_graph_custom(g->ctx, max_nodes, false);
-    g->step = std::make_unique<Step>(g->ctx, hp, s.layers, s.plan);
+    g->graph = ggml_new_graph_custom(g->ctx.get(), max_nodes, false);
+    g->step = std::make_unique<Step>(g->ctx.get(), hp, s.layers, s.plan);
     Step & st = *g->step;
     // our flash-attention form (F32 keys, attention sinks) is a CPU path; CUDA uses the
     // matmul + softmax form, which ggml-cuda covers for every head size
@@ -179,7 +169,7 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         if (il + 1 == hp.n_layer) {
             // computed in every graph (the last layer's kv needs it), with or without logits
-            g->health = ggml_sum(g->ctx, X);
+            g->health = ggml_sum(g->ctx.get(), X);
             ggml_set_output(g->health);
             ggml_build_forward_expand(g->graph, g->health);
         }
@@ -187,7 +177,7 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     }
     if (key.out != OutMode::NONE) {
         if (key.out == OutMode::LAST) {  // only the last token's logits: select it before the HC head (§3.9)
-            X = ggml_cont(g->ctx, ggml_view_3d(g->ctx, X, X->ne[0], X->ne[1], 1, X->nb[1], X->nb[2],
+            X = ggml_cont(g->ctx.get(), ggml_view_3d(g->ctx.get(), X, X->ne[0], X->ne[1], 1, X->nb[1], X->nb[2],
                                                size_t(st.n_tokens - 1) * X->nb[2]));
         }
         g->logits = output_head(st, m.weights, X);
@@ -208,16 +198,16 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     }
     // the scheduler runs each op on the backend of its weights; the CPU comes last (CUDA
     // sessions: routed experts kept in host memory run there)
-    ggml_backend_t backends[2] = {s.backend, s.cpu};
+    ggml_backend_t backends[2] = {s.backend.get(), s.cpu.get()};
     const int n_backends = s.cpu != nullptr ? 2 : 1;
-    g->sched = ggml_backend_sched_new(backends, nullptr, n_backends, max_nodes, false, false);
+    g->sched.reset(ggml_backend_sched_new(backends, nullptr, n_backends, max_nodes, false, false));
     if (g->sched == nullptr) {
         fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
     }
     if (s.profile != nullptr) {
-        ggml_backend_sched_set_eval_callback(g->sched, profile_callback, s.profile.get());
+        ggml_backend_sched_set_eval_callback(g->sched.get(), profile_callback, s.profile.get());
     }
-    if (!ggml_backend_sched_alloc_graph(g->sched, g->graph)) {
+    if (!ggml_backend_sched_alloc_graph(g->sched.get(), g->graph)) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
     }
     s.n_graph_builds += 1;
@@ -258,7 +248,7 @@ void run_ubatch(dsv4_session & s, const int32_t * tokens, int64_t T, OutMode out
         s.profile->phase = T == 1 ? "decode" : "prefill";
         s.profile->steps[s.profile->phase] += 1;
     }
-    if (ggml_backend_sched_graph_compute(g.sched, g.graph) != GGML_STATUS_SUCCESS) {
+    if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
         s.current = nullptr;
         s.graphs.clear();
         fail(DSV4_ERR_BACKEND, "the backend failed to compute the graph");
@@ -363,9 +353,9 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     s->params.n_threads = params.n_threads > 0 ? params.n_threads : (model->params.n_threads > 0
                                                                         ? model->params.n_threads : default_threads());
 
-    s->backend = make_backend(model->params.backend, s->params.n_threads);
+    s->backend.reset(make_backend(model->params.backend, s->params.n_threads));
     if (model->params.backend != DSV4_BACKEND_CPU) {
-        s->cpu = make_backend(DSV4_BACKEND_CPU, s->params.n_threads);
+        s->cpu.reset(make_backend(DSV4_BACKEND_CPU, s->params.n_threads));
     }
 
     // state tensors, sized from n_ctx and the compress ratios (§4.1)
@@ -376,13 +366,13 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
     s->n_rows4 = params.n_ctx / 4 + 1;
     s->n_rows128 = params.n_ctx / 128 + 1;
     const size_t n_tensors = size_t(hp.n_layer) * 7 + 1;
-    s->ctx_state = ggml_init({ggml_tensor_overhead() * n_tensors, nullptr, true});
+    s->ctx_state.reset(ggml_init({ggml_tensor_overhead() * n_tensors, nullptr, true}));
     s->layers.resize(hp.n_layer);
     state_bytes(hp, params.n_ctx, params.cache_type);  // checks the cache type, and that the sizes do not overflow
     for_each_state_tensor(hp, params.n_ctx, ggml_type(params.cache_type),
                           [&](uint32_t il, const char * name, ggml_type type, int64_t ne0, int64_t ne1) {
         LayerState & L = s->layers[il];
-        ggml_tensor * t = new_state(s->ctx_state, type, ne0, ne1, name, il);
+        ggml_tensor * t = new_state(s->ctx_state.get(), type, ne0, ne1, name, il);
         const std::string n = name;
         ggml_tensor ** slot = n == "window" ? &L.window
                             : n == "comp_kv" ? &L.main.kv
@@ -393,7 +383,7 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
                                                  : &L.index.cache;
         *slot = t;
     });
-    s->buf_state = ggml_backend_alloc_ctx_tensors(s->ctx_state, s->backend);
+    s->buf_state.reset(ggml_backend_alloc_ctx_tensors(s->ctx_state.get(), s->backend.get()));
     if (s->buf_state == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the session state for n_ctx %d", int(params.n_ctx));
     }
@@ -463,7 +453,7 @@ struct StateHeader {
 
 std::vector<ggml_tensor *> state_tensors(const dsv4_session & s) {
     std::vector<ggml_tensor *> out;
-    for (ggml_tensor * t = ggml_get_first_tensor(s.ctx_state); t != nullptr; t = ggml_get_next_tensor(s.ctx_state, t)) {
+    for (ggml_tensor * t = ggml_get_first_tensor(s.ctx_state.get()); t != nullptr; t = ggml_get_next_tensor(s.ctx_state.get(), t)) {
         out.push_back(t);
     }
     return out;
@@ -567,12 +557,12 @@ dsv4_session_stats session_stats(const dsv4_session & s) {
     st.n_ubatches = s.n_ubatches;
     st.n_graph_builds = s.n_graph_builds;
     st.n_graph_nodes = s.current != nullptr ? ggml_graph_n_nodes(s.current->graph) : 0;
-    st.state_bytes = ggml_backend_buffer_get_size(s.buf_state);
+    st.state_bytes = ggml_backend_buffer_get_size(s.buf_state.get());
     for (const auto & g : s.graphs) {
-        st.compute_bytes_all += ggml_backend_sched_get_buffer_size(g->sched, s.backend);
+        st.compute_bytes_all += ggml_backend_sched_get_buffer_size(g->sched.get(), s.backend.get());
     }
     if (s.current != nullptr) {
-        st.compute_bytes = ggml_backend_sched_get_buffer_size(s.current->sched, s.backend);
+        st.compute_bytes = ggml_backend_sched_get_buffer_size(s.current->sched.get(), s.backend.get());
     }
     return st;
 }
@@ -584,17 +574,5 @@ dsv4_session::~dsv4_session() {
     graphs.clear();
     if (profile != nullptr) {
         dsv4::print_profile(*profile);
-    }
-    if (buf_state != nullptr) {
-        ggml_backend_buffer_free(buf_state);
-    }
-    if (ctx_state != nullptr) {
-        ggml_free(ctx_state);
-    }
-    if (cpu != nullptr) {
-        ggml_backend_free(cpu);
-    }
-    if (backend != nullptr) {
-        ggml_backend_free(backend);
     }
 }

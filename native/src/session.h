@@ -8,6 +8,7 @@
 #include "step.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <memory>
 #include <vector>
@@ -20,14 +21,13 @@ struct OpProfile;
 struct CachedGraph {
     GraphKey key;
     std::vector<uint8_t> mem;
-    ggml_context * ctx = nullptr;
+    ggml_context_ptr ctx;                  // its tensors' metadata, in `mem`
     ggml_cgraph * graph = nullptr;
     ggml_tensor * logits = nullptr;
     ggml_tensor * health = nullptr;        // Σ of the last trunk layer's input: NaN/Inf check
     std::unique_ptr<Step> step;
-    ggml_backend_sched_t sched = nullptr;  // each graph keeps its own compute buffer
+    ggml_backend_sched_ptr sched;          // each graph keeps its own compute buffer
     uint64_t last_use = 0;
-    ~CachedGraph();
 };
 
 }  // namespace dsv4
@@ -35,12 +35,14 @@ struct CachedGraph {
 struct dsv4_session {
     dsv4_model * model = nullptr;
     dsv4_session_params params{};
-    ggml_backend_t backend = nullptr;  // the backend of the state and of most ops (CPU or CUDA)
-    ggml_backend_t cpu = nullptr;      // CUDA sessions: the CPU, for weights kept in host memory
+    // members are freed in reverse order: the graphs (their schedulers use the backends), then
+    // the state, then the backends
+    ggml_backend_ptr backend;  // the backend of the state and of most ops (CPU or CUDA)
+    ggml_backend_ptr cpu;      // CUDA sessions: the CPU, for weights kept in host memory
 
     // persistent state (§4.1)
-    ggml_context * ctx_state = nullptr;
-    ggml_backend_buffer_t buf_state = nullptr;
+    ggml_context_ptr ctx_state;
+    ggml_backend_buffer_ptr buf_state;
     std::vector<dsv4::LayerState> layers;
     int64_t n_rows4 = 0;    // rows of each ratio-4 cache (blocks of n_ctx, plus one dummy row)
     int64_t n_rows128 = 0;
