@@ -83,6 +83,7 @@ void indexer_scores_cuda(ggml_tensor * dst, void * stream) {
     }
     GGML_ASSERT(k->type == GGML_TYPE_F32 || k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_BF16 ||
                 k->type == GGML_TYPE_Q8_0);
+    GGML_ASSERT(T <= 65535);  // queries on the grid's y axis (a micro-batch is far smaller)
     const int64_t blocks = (n + kWarps - 1) / kWarps;
     const dim3 grid(unsigned(blocks < 65535 ? blocks : 65535), unsigned(T));
     const size_t shared = size_t(kWarps) * size_t(Dh) * sizeof(float);
