@@ -59,8 +59,7 @@ void compress_pool_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     constexpr int64_t kTile = 64;
     const int64_t tiles = (s.d + kTile - 1) / kTile;
     const int64_t n_items = s.n_blocks * tiles;
-    const int64_t per = (n_items + nth - 1) / nth;
-    const int64_t i0 = std::min<int64_t>(n_items, per * ith), i1 = std::min<int64_t>(n_items, i0 + per);
+    const auto [i0, i1] = thread_share(n_items, ith, nth);
 
     auto member = [&](const ggml_tensor * ring, const ggml_tensor * batch, int64_t b, int64_t m, int64_t c0) {
         const int64_t r = rows[m + s.members * b];

@@ -58,8 +58,7 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     // work items: (query, chunk of kChunk keys), a contiguous range per thread
     const int64_t n_chunks = (n + kChunk - 1) / kChunk;
     const int64_t items = T * n_chunks;
-    const int64_t per = (items + nth - 1) / nth;
-    const int64_t i0 = std::min(items, per * ith), i1 = std::min(items, i0 + per);
+    const auto [i0, i1] = thread_share(items, ith, nth);
 
     // the query's heads transposed, qt[d·Hp + h] = q[d, h] (heads padded with zeros to a multiple
     // of 16), so that each key element is broadcast against 16 heads at once; the keys as floats

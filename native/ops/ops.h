@@ -16,6 +16,16 @@ namespace dsv4::ops {
 constexpr int kParamSlot = 8;
 static_assert(sizeof(ggml_tensor::op_params) >= (kParamSlot + 1) * sizeof(int32_t), "op_params too small");
 
+// The contiguous share [begin, end) of n work items that CPU thread ith of nth computes.
+struct Share {
+    int64_t begin, end;
+};
+inline Share thread_share(int64_t n, int ith, int nth) {
+    const int64_t per = (n + nth - 1) / nth;
+    const int64_t begin = per * ith < n ? per * ith : n;
+    return {begin, begin + per < n ? begin + per : n};
+}
+
 // Compressor pooling, fused (§3.5, §7 #18, #19): for each block b and channel i < d,
 //
 //   pooled[i, b] = Σ_m softmax_m(z_m[f(m) + i])·v_m[f(m) + i]

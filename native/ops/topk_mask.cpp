@@ -40,8 +40,7 @@ ggml_tensor * topk_rows(ggml_context * ctx, ggml_tensor * scores, int64_t k) {
 void topk_rows_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * scores = dst->src[0];
     const int64_t n = scores->ne[0], T = scores->ne[1], k = dst->ne[0];
-    const int64_t per = (T + nth - 1) / nth;
-    const int64_t t0 = std::min<int64_t>(T, per * ith), t1 = std::min<int64_t>(T, t0 + per);
+    const auto [t0, t1] = thread_share(T, ith, nth);
     thread_local std::vector<std::pair<float, int64_t>> all;
     for (int64_t t = t0; t < t1; ++t) {
         const float * s = reinterpret_cast<const float *>(static_cast<const char *>(scores->data) + t * scores->nb[1]);
@@ -60,8 +59,7 @@ void topk_rows_cpu(ggml_tensor * dst, int ith, int nth, void *) {
 void topk_mask_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * scores = dst->src[0];
     const int64_t n = scores->ne[0], T = scores->ne[1], k = dst->op_params[kParamSlot];
-    const int64_t per = (T + nth - 1) / nth;
-    const int64_t t0 = std::min<int64_t>(T, per * ith), t1 = std::min<int64_t>(T, t0 + per);
+    const auto [t0, t1] = thread_share(T, ith, nth);
     thread_local std::vector<std::pair<float, int64_t>> finite;
     for (int64_t t = t0; t < t1; ++t) {
         const float * s = reinterpret_cast<const float *>(static_cast<const char *>(scores->data) + t * scores->nb[1]);
