@@ -57,7 +57,9 @@ typedef enum dsv4_backend {
 
 /* CPU weight layouts: which quantized matrices are copied out of the mapped file into one of
  * ggml's re-laid-out buffers at load (routed experts: the AMX layout only, through our patch
- * 0004; the interleaved one slows their prefill). A copied matrix lives in process memory. */
+ * 0004; the interleaved one slows their prefill). Except with NONE, the other non-expert weights
+ * but the token embedding are copied as they are. A copy lives in process memory (transparent
+ * huge pages where the kernel allows). */
 typedef enum dsv4_repack {
     DSV4_REPACK_NONE = 0,         /* read every weight in place */
     DSV4_REPACK_AUTO = 1,         /* AMX where the CPU and the matrix allow it, else interleaved */
@@ -126,7 +128,8 @@ typedef struct dsv4_tensor_info {
     uint64_t offset;           /* absolute byte offset in the file */
     uint64_t nbytes;
     const char * placement;    /* where the weight is read from: "mapped" (the file, in place) or the
-                                  buffer type it was copied into at load ("AMX", "CPU_REPACK", "CUDA0") */
+                                  buffer type it was copied into at load ("AMX", "CPU_REPACK", "CPU"
+                                  (copied as it is), "CUDA0") */
 } dsv4_tensor_info;
 
 /* Called while a model loads with the fraction done (0..1); return false to cancel the load. */

@@ -80,6 +80,9 @@ ggml_backend_buffer_type_t cpu_extra_buffer_type(const char * name) {
 // that op with `t` placed in `buft`.
 bool cpu_layout_accepts(ggml_backend_buffer_type_t buft, const ggml_tensor * t, const std::string & name) {
     const bool expert = is_routed_expert(name);
+    if (buft == ggml_backend_cpu_buffer_type()) {
+        return !expert && name != "token_embd.weight";
+    }
     if (!ggml_is_quantized(t->type) || name == "token_embd.weight" || name.find("attn_output_a") != std::string::npos ||
         t->ne[3] != 1 || (!expert && t->ne[2] != 1) ||
         (expert && std::strcmp(ggml_backend_buft_name(buft), "AMX") != 0)) {
@@ -164,6 +167,7 @@ std::vector<ggml_backend_buffer_type_t> copy_buffer_types(const dsv4_model_param
                 out.push_back(b);
             }
         }
+        out.push_back(ggml_backend_cpu_buffer_type());  // the other non-expert weights, as they are
         return out;
     }
 #ifdef DSV4_WITH_CUDA

@@ -72,6 +72,19 @@ void check_tid2eid(const dsv4_hparams & hp, const Weights & w, const GgufFile & 
     }
 }
 
+// Asks the kernel to back the 2 MiB-aligned part of a freshly allocated (not yet touched) host
+// buffer with transparent huge pages: decode streams the repacked weights once per token, and
+// with 4 KiB pages every 4 KiB of an expert matrix is another TLB miss. Only a hint: where THP
+// is off ("never") or the buffer is too small this changes nothing.
+void advise_huge_pages(void * data, size_t size) {
+    constexpr uintptr_t huge = uintptr_t(2) << 20;
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(data) + size) & ~(huge - 1);
+    if (hi > lo) {
+        madvise(reinterpret_cast<void *>(lo), size_t(hi - lo), MADV_HUGEPAGE);
+    }
+}
+
 // Gives every weight its memory: host weights are the mapped file itself (read in place);
 // device weights (backend CUDA, backend.h) get a device buffer and are uploaded; on the CPU with
 // `repack`, the matrices ggml can re-lay out get an AMX or CPU_REPACK buffer instead. Progress is
@@ -114,13 +127,16 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
         ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(bufts[k], bytes[k]);
         if (buf == nullptr) {
             if (p.backend == DSV4_BACKEND_CPU) {
-                fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the repacked weights (repack=False reads "
+                fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the weights copied at load (repack=False reads "
                      "them in place)", double(bytes[k]) / 1048576.0);
             }
             fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of device memory for the weights (lower n_gpu_layers "
                  "or keep the experts on the host)", double(bytes[k]) / 1048576.0);
         }
         m.copy_bufs.push_back(buf);
+        if (p.backend == DSV4_BACKEND_CPU) {  // every copy on the CPU is in host memory
+            advise_huge_pages(ggml_backend_buffer_get_base(buf), ggml_backend_buffer_get_size(buf));
+        }
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         ggml_tallocr ta = ggml_tallocr_new(buf);
         for (size_t i = 0; i < bound.size(); ++i) {
