@@ -227,3 +227,80 @@ def test_indexer_scores_reject_bad_arguments():
         indexer_scores("cpu", z, np.zeros((4, 34), np.uint8), np.zeros((1, 1)), np.zeros((1, 4)), "q8_0")
     with pytest.raises(InvalidArgumentError, match="key type"):
         indexer_scores("cpu", z, np.zeros((4, 18), np.uint8), np.zeros((1, 1)), np.zeros((1, 4)), "q4_0")
+
+
+def attend_decode(backend, q, sinks, scale, ring, fresh, ring_mask, cache=None, cache_mask=None, cache_idx=None,
+                  key_type="f32", n_threads=2):
+    """q [H, Dh], sinks [H], ring [W, Dh] and cache [C, Dh] (floats, stored as key_type), fresh [Dh],
+    ring_mask [W + 1], cache_mask [n], cache_idx [n] or None -> [H, Dh]."""
+    ffi, lib = _native.load()
+    H, Dh = q.shape
+    f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+    q, sinks, fresh, ring_mask = f32(q), f32(sinks), f32(fresh), f32(ring_mask)
+    ring_b = quantize_keys(ring, key_type)
+    cache_b = quantize_keys(cache, key_type) if cache is not None else None
+    cache_mask = f32(cache_mask) if cache_mask is not None else None
+    idx = np.ascontiguousarray(cache_idx, np.int32) if cache_idx is not None else None
+    out = np.empty((H, Dh), np.float32)
+    ptr = lambda a, t="float *": ffi.NULL if a is None else ffi.cast(t, a.ctypes.data)  # noqa: E731
+    _native.check(lib.dsv4_op_attend_decode(
+        BACKENDS[backend], n_threads, Dh, H, ring.shape[0], 0 if cache is None else cache.shape[0],
+        0 if idx is None else len(idx), KEY_TYPES[key_type], scale, ptr(q), ptr(sinks), ptr(ring_b, "void *"),
+        ptr(fresh), ptr(ring_mask), ptr(cache_b, "void *"), ptr(cache_mask), ptr(idx, "int32_t *"), ptr(out)))
+    return out
+
+
+ATTEND_CASES = [  # (head_dim, heads, window, cache rows, picked rows (0: all), visible window rows)
+    (512, 8, 128, 4096, 512, 128),    # CSA decode step at depth 16k (the bench model)
+    (512, 8, 128, 128, 0, 128),       # HCA decode step at depth 16k
+    (512, 8, 128, 0, 0, 128),         # sliding-window layer
+    (512, 64, 128, 300, 64, 37),      # DeepSeek-V4-Flash's 64 heads; a window not yet full
+    (64, 5, 16, 9, 0, 3),             # small and odd: heads, keys not a multiple of the 8-key block
+    (72, 3, 4, 20, 7, 4),             # head_dim not a multiple of 16
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", ATTEND_CASES, ids=lambda c: "Dh{}-H{}-W{}-C{}-k{}-v{}".format(*c))
+@pytest.mark.parametrize("key_type", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_attend_decode_matches_the_reference(backend, case, key_type, n_threads):
+    from dsv4_ggml.reference.attention import sparse_attention
+    Dh, H, W, C, k, n_vis = case
+    rng = np.random.default_rng(Dh + H * W + C + k)
+    q = rng.standard_normal((H, Dh)).astype(np.float32)
+    sinks = rng.standard_normal(H).astype(np.float32)
+    ring = rng.standard_normal((W, Dh)).astype(np.float32)
+    fresh = rng.standard_normal(Dh).astype(np.float32)
+    ring_mask = np.concatenate([np.where(np.arange(W) < n_vis, 0.0, -np.inf), [0.0]]).astype(np.float32)
+    cache = rng.standard_normal((C, Dh)).astype(np.float32) if C else None
+    cache_mask = cache_idx = None
+    keys = [stored_keys(ring, key_type)[:n_vis], fresh[None].astype(np.float64)]
+    if C and k:                       # picked rows, the last two invalid picks (masked)
+        cache_idx = rng.choice(C, k, replace=False)
+        cache_mask = np.where(np.arange(k) < k - 2, 0.0, -1e30).astype(np.float32)
+        keys.append(stored_keys(cache, key_type)[cache_idx[:k - 2]])
+    elif C:                           # every row, the last third hidden
+        vis = np.arange(C) < C - C // 3
+        cache_mask = np.where(vis, 0.0, -np.inf).astype(np.float32)
+        keys.append(stored_keys(cache, key_type)[vis])
+    scale = 1.0 / np.sqrt(Dh)
+    got = attend_decode(backend, q * 4, sinks, scale, ring, fresh, ring_mask, cache, cache_mask, cache_idx,
+                        key_type, n_threads)
+    allk = np.concatenate(keys)[None]
+    want = sparse_attention((q * 4).astype(np.float64)[None], allk, np.ones((1, allk.shape[1]), bool),
+                            sinks.astype(np.float64), scale)[0]
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{backend} {case} {key_type} threads {n_threads}: max rel err {err:.1e}")
+    assert err < 1e-5
+
+
+def test_attend_decode_rejects_bad_arguments():
+    z = np.zeros((2, 8), np.float32)
+    with pytest.raises(InvalidArgumentError, match="bad shape"):      # an empty window ring
+        attend_decode("cpu", z, np.zeros(2), 1.0, np.zeros((0, 8)), np.zeros(8), np.zeros(1))
+    ffi, lib = _native.load()
+    buf = np.zeros(64, np.float32)
+    p = ffi.cast("float *", buf.ctypes.data)
+    with pytest.raises(InvalidArgumentError, match="cache_idx"):      # picked rows but no indices
+        _native.check(lib.dsv4_op_attend_decode(0, 1, 8, 2, 4, 3, 2, 0, 1.0, p, p, p, p, p, p, p, ffi.NULL, p))

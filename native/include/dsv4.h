@@ -195,6 +195,17 @@ DSV4_API dsv4_status dsv4_op_topk_rows(int32_t backend, int32_t n_threads, int64
 DSV4_API dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
                                             int64_t n_tokens, int64_t n_keys, int32_t key_type, const float * q,
                                             const void * keys, const float * weights, const float * mask, float * out);
+/* Runs our fused decode attention op (native/ops/ops.h) once on `backend`: q: head_dim × n_head
+ * floats; sinks: n_head; ring: n_ring rows and cache: n_cache rows of head_dim values of ggml type
+ * key_type (f32, f16, bf16 or q8_0); fresh: head_dim floats (this token's key); ring_mask: n_ring + 1
+ * additive mask values (the ring rows', then fresh's); cache_mask: n_picked values with cache_idx
+ * (n_picked row indices into cache), else n_cache; n_cache = 0: no cache. out: head_dim × n_head,
+ * the softmax (with one sink logit per head) of scale·q·k + mask over those keys, applied to them. */
+DSV4_API dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
+                                           int64_t n_ring, int64_t n_cache, int64_t n_picked, int32_t key_type,
+                                           float scale, const float * q, const float * sinks, const void * ring,
+                                           const float * fresh, const float * ring_mask, const void * cache,
+                                           const float * cache_mask, const int32_t * cache_idx, float * out);
 /* Block size (elements) and block bytes of a ggml type; 0 for types that do not exist. */
 DSV4_API dsv4_status dsv4_type_size(int32_t type, int64_t * block_size, size_t * block_bytes);
 DSV4_API const char * dsv4_last_error(void);

@@ -81,6 +81,31 @@ ggml_tensor * indexer_scores(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
 
 void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 
+// Attention of one decode query over MQA keys (= values), fused (§3.4.4, §3.4.5): for each head h,
+//
+//   out[:, h] = Σ_j e^{s_hj}·k_j / (Σ_j e^{s_hj} + e^{sinks[h]}),   s_hj = scale·q[:, h]·k_j + mask_j
+//
+// over the window ring's rows, this token's key and (CSA/HCA layers) the compressed cache's rows:
+// all of its first n rows, or those `cache_idx` picks. Rows are read in place in the cache type and
+// converted once for all heads; keys whose mask is −inf are skipped. Replaces the gathers of the
+// F16 rows as F32, the key and mask concatenations, the mask cast and flash attention, which reads
+// every key once per head. Work: heads, split over the threads.
+//
+//   q:          F32 ne{Dh, H, 1}    the query (roped)
+//   sinks:      F32 ne{H}           per-head sink logits
+//   ring:       ne{Dh, W}           the window ring (F32, F16, BF16, Q8_0, ...)
+//   fresh:      F32 ne{Dh, 1}       this token's key
+//   ring_mask:  F32 W + 1 values    the ring rows', then this token's
+//   cache:      ne{Dh, C} or null   compressed entries
+//   cache_mask: F32 n values        n = the length of cache_idx, or C without it
+//   cache_idx:  I32 ne{n} or null   the picked rows of cache (CSA decode)
+//   result:     F32 ne{Dh, H, 1}
+ggml_tensor * attend_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * sinks, float scale, ggml_tensor * ring,
+                            ggml_tensor * fresh, ggml_tensor * ring_mask, ggml_tensor * cache, ggml_tensor * cache_mask,
+                            ggml_tensor * cache_idx);
+
+void attend_decode_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
+
 #ifdef DSV4_WITH_CUDA
 // The CUDA twins: `stream` is the cudaStream_t ggml-cuda computes the graph on.
 void compress_pool_cuda(ggml_tensor * dst, void * stream);

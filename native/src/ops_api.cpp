@@ -137,6 +137,51 @@ dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t h
     });
 }
 
+dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head, int64_t n_ring,
+                                  int64_t n_cache, int64_t n_picked, int32_t key_type, float scale, const float * q,
+                                  const float * sinks, const void * ring, const float * fresh, const float * ring_mask,
+                                  const void * cache, const float * cache_mask, const int32_t * cache_idx, float * out) {
+    return dsv4::guarded([&] {
+        for (const void * p : {(const void *) q, (const void *) sinks, ring, (const void *) fresh, (const void *) ring_mask,
+                               (const void *) out}) {
+            dsv4::require(p, "attend_decode: q, sinks, ring, fresh, ring_mask and out");
+        }
+        if (head_dim < 1 || n_head < 1 || n_ring < 1 || n_cache < 0 || n_picked < 0) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: bad shape (head_dim %lld, heads %lld, ring %lld, cache %lld, "
+                 "picked %lld)", (long long) head_dim, (long long) n_head, (long long) n_ring, (long long) n_cache,
+                 (long long) n_picked);
+        }
+        if (n_cache > 0 && (cache == nullptr || cache_mask == nullptr || (n_picked > 0) != (cache_idx != nullptr))) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: a cache needs its rows and mask, and cache_idx exactly when "
+                 "n_picked > 0");
+        }
+        const ggml_type kt = ggml_type(key_type);
+        if (kt != GGML_TYPE_F32 && kt != GGML_TYPE_F16 && kt != GGML_TYPE_BF16 && kt != GGML_TYPE_Q8_0) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: key type %d is not f32, f16, bf16 or q8_0", int(key_type));
+        }
+        if (head_dim % ggml_blck_size(kt) != 0) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: head_dim %lld is not a multiple of %s blocks",
+                 (long long) head_dim, ggml_type_name(kt));
+        }
+        std::vector<Input> in = {{GGML_TYPE_F32, head_dim, n_head, q},  {GGML_TYPE_F32, n_head, 1, sinks},
+                                 {kt, head_dim, n_ring, ring},          {GGML_TYPE_F32, head_dim, 1, fresh},
+                                 {GGML_TYPE_F32, n_ring + 1, 1, ring_mask}};
+        if (n_cache > 0) {
+            in.push_back({kt, head_dim, n_cache, cache});
+            in.push_back({GGML_TYPE_F32, n_picked > 0 ? n_picked : n_cache, 1, cache_mask});
+            if (n_picked > 0) {
+                in.push_back({GGML_TYPE_I32, n_picked, 1, cache_idx});
+            }
+        }
+        run_op("attend_decode", backend, n_threads, in,
+               [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
+                   return dsv4::ops::attend_decode(ctx, t[0], t[1], scale, t[2], t[3], t[4], n_cache > 0 ? t[5] : nullptr,
+                                                   n_cache > 0 ? t[6] : nullptr, n_picked > 0 ? t[7] : nullptr);
+               },
+               out);
+    });
+}
+
 dsv4_status dsv4_op_topk_rows(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
                               const float * scores, int32_t * out) {
     return dsv4::guarded([&] {

@@ -269,6 +269,9 @@ KeySet Step::window(uint32_t il, ggml_tensor * kv) {
     KeySet keys;
     keys.shared = ggml_concat(ctx, as_f32(ring, window_rows_), kv2, 1);
     keys.shared_mask = window_mask_;
+    keys.ring = ring;
+    keys.fresh = kv2;
+    keys.ring_mask = window_mask_;
     deferred_.push_back(ggml_set_rows(ctx, ring, kept_rows(kv2, window_src_, hp.n_swa), window_dst_));
     return keys;
 }
@@ -312,6 +315,8 @@ KeySet Step::with_all(uint32_t, const KeySet & keys, ggml_tensor * cache) {
     KeySet out = keys;
     out.shared = ggml_concat(ctx, keys.shared, as_f32(cache, in.view_rows), 1);
     out.shared_mask = ggml_concat(ctx, keys.shared_mask, in.visible_f32, 0);
+    out.cache = cache;
+    out.cache_mask = in.visible_f32;
     return out;
 }
 
@@ -329,6 +334,8 @@ KeySet Step::with_selected(uint32_t, const KeySet & keys, ggml_tensor * cache, g
         // the indexer scores are then unused, and ggml never computes them
         out.shared = ggml_concat(ctx, keys.shared, as_f32(cache, in.view_rows), 1);
         out.shared_mask = ggml_concat(ctx, keys.shared_mask, in.visible_f32, 0);
+        out.cache = cache;
+        out.cache_mask = in.visible_f32;
         return out;
     }
     if (n_tokens == 1) {
@@ -342,6 +349,9 @@ KeySet Step::with_selected(uint32_t, const KeySet & keys, ggml_tensor * cache, g
         // step(s + 1e30) is 1 for any finite score and 0 for -inf; map 1 -> 0, 0 -> -1e30.
         ggml_tensor * valid = ggml_step(ctx, ggml_scale_bias(ctx, picked_score, 1.0f, 1e30f));
         out.own_mask = ggml_reshape_2d(ctx, ggml_scale_bias(ctx, valid, 1e30f, -1e30f), k, 1);
+        out.cache = cache;
+        out.cache_mask = out.own_mask;
+        out.cache_idx = ggml_reshape_1d(ctx, top, k);
         return out;
     }
     // a batch: every query attends to the whole cache view through a mask that is 0 only at its
@@ -413,6 +423,11 @@ ggml_tensor * attend(Step & s, ggml_tensor * q, const KeySet & keys, ggml_tensor
     const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2];
     const float scale = 1.0f / std::sqrt(float(Dh));
     const int64_t N = keys.shared->ne[1];
+    if (s.cpu && T == 1 && keys.ring != nullptr) {
+        // a decode step on the CPU: the fused op reads the stored rows in place, once for all heads
+        return ops::attend_decode(ctx, q, sinks, scale, keys.ring, keys.fresh, keys.ring_mask, keys.cache,
+                                  keys.cache_mask, keys.cache_idx);
+    }
     if (s.flash_attn && keys.shared->type == GGML_TYPE_F32 && (keys.own == nullptr || T == 1)) {
         return attend_flash(ctx, q, keys, sinks, scale);
     }

@@ -48,6 +48,16 @@ struct KeySet {
     ggml_tensor * shared_mask = nullptr;  // ne{N, T} f32: 0 visible, -inf hidden
     ggml_tensor * own = nullptr;          // ne{Dh, k, T}
     ggml_tensor * own_mask = nullptr;     // ne{k, T} f32
+    // the same keys where they are stored, for the fused attention of a decode step (ops.h:
+    // attend_decode reads them in place): the window ring, this token's key, their mask
+    // (ne{W + 1, 1}), and the layer's compressed entries with their mask, all of them or the
+    // picked rows `cache_idx` (I32 ne{k})
+    ggml_tensor * ring = nullptr;
+    ggml_tensor * fresh = nullptr;
+    ggml_tensor * ring_mask = nullptr;
+    ggml_tensor * cache = nullptr;
+    ggml_tensor * cache_mask = nullptr;
+    ggml_tensor * cache_idx = nullptr;
 };
 
 // The rows a compressor pools in one micro-batch: the ring of earlier tokens and this batch's
