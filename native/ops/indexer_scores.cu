@@ -3,6 +3,7 @@
 // dimensions and reduce it by shuffles, and lane 0 accumulates w_h·max(0, dot). Keys the mask
 // hides are not computed.
 #include "ops.h"
+#include "rows.cuh"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -14,22 +15,6 @@ namespace dsv4::ops {
 namespace {
 
 constexpr int kWarps = 4;  // warps (keys in flight) per thread block
-
-__device__ float key_at(const char * row, int type, int64_t d) {
-    switch (type) {
-        case GGML_TYPE_F32:
-            return reinterpret_cast<const float *>(row)[d];
-        case GGML_TYPE_F16:
-            return __half2float(reinterpret_cast<const __half *>(row)[d]);
-        case GGML_TYPE_BF16:
-            return __uint_as_float(uint32_t(reinterpret_cast<const uint16_t *>(row)[d]) << 16);
-        default: {  // GGML_TYPE_Q8_0: blocks of {f16 scale, 32 × int8}
-            const char * block = row + (d / 32) * (sizeof(__half) + 32);
-            const float scale = __half2float(*reinterpret_cast<const __half *>(block));
-            return scale * float(reinterpret_cast<const int8_t *>(block + sizeof(__half))[d % 32]);
-        }
-    }
-}
 
 __global__ void indexer_scores_kernel(const char * q, size_t q_nb1, size_t q_nb2, const char * k, size_t k_nb1, int k_type,
                                       const char * w, size_t w_nb0, size_t w_nb1, const char * m, size_t m_nb0,
@@ -46,7 +31,7 @@ __global__ void indexer_scores_kernel(const char * q, size_t q_nb1, size_t q_nb2
         if (mv != -INFINITY) {
             const char * row = k + j * k_nb1;
             for (int64_t d = lane; d < Dh; d += 32) {
-                ks[d] = key_at(row, k_type, d);
+                ks[d] = row_value(row, k_type, d);
             }
             __syncwarp();
             score = 0.0f;
@@ -81,8 +66,7 @@ void indexer_scores_cuda(ggml_tensor * dst, void * stream) {
     if (n == 0 || T == 0) {
         return;
     }
-    GGML_ASSERT(k->type == GGML_TYPE_F32 || k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_BF16 ||
-                k->type == GGML_TYPE_Q8_0);
+    GGML_ASSERT(row_type_supported(k->type));
     GGML_ASSERT(T <= 65535);  // queries on the grid's y axis (a micro-batch is far smaller)
     const int64_t blocks = (n + kWarps - 1) / kWarps;
     const dim3 grid(unsigned(blocks < 65535 ? blocks : 65535), unsigned(T));

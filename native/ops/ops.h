@@ -89,7 +89,8 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 // all of its first n rows, or those `cache_idx` picks. Rows are read in place in the cache type and
 // converted once for all heads; keys whose mask is −inf are skipped. Replaces the gathers of the
 // F16 rows as F32, the key and mask concatenations, the mask cast and flash attention, which reads
-// every key once per head. Work: heads, split over the threads.
+// every key once per head. Work: heads, split over the threads. The CUDA twin (a block per head)
+// is tested alone; CUDA decode steps keep ggml's flash attention until it is measured on a GPU.
 //
 //   q:          F32 ne{Dh, H, 1}    the query (roped)
 //   sinks:      F32 ne{H}           per-head sink logits
@@ -111,6 +112,7 @@ void attend_decode_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 void compress_pool_cuda(ggml_tensor * dst, void * stream);
 void topk_mask_cuda(ggml_tensor * dst, void * stream);
 void indexer_scores_cuda(ggml_tensor * dst, void * stream);
+void attend_decode_cuda(ggml_tensor * dst, void * stream);
 
 // Registers every CUDA twin with ggml-cuda (idempotent).
 void register_cuda_ops();
