@@ -151,7 +151,8 @@ typedef struct dsv4_session_params {
     int32_t n_ubatch;          /* tokens per micro-batch of a prefill */
     int32_t n_threads;         /* CPU threads; <= 0: the model's setting */
     int32_t cache_type;        /* ggml type of the compressed caches: f32, f16 (default), bf16, q8_0 */
-    bool flash_attn;           /* attention through ggml's flash attention (default) or matmul + softmax */
+    bool flash_attn;           /* attention through ggml's flash attention (default) or matmul + softmax;
+                                  a decode step on the CPU takes our fused attend_decode either way */
 } dsv4_session_params;
 
 typedef struct dsv4_session_stats {

@@ -46,6 +46,22 @@ float hsum(v16 v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// a·b over n vectors, in four independent sums (the keys of a block overlap in the core)
+float dot(const v16 * a, const v16 * b, int64_t n) {
+    v16 s0{}, s1{}, s2{}, s3{};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; ++i) {
+        s0 += a[i] * b[i];
+    }
+    return hsum((s0 + s1) + (s2 + s3));
+}
+
 }  // namespace
 
 ggml_tensor * attend_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * sinks, float scale, ggml_tensor * ring,
@@ -129,24 +145,17 @@ void attend_decode_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     float s[kKeys] = {};
 
     int nb = 0;  // keys in the current block
-    // a block of up to kKeys converted keys (the rows past nb hold zeros or earlier keys: they
-    // are scored but get probability 0), all of this thread's heads
+    // a block of up to kKeys converted keys, all of this thread's heads (the rows past nb hold
+    // zeros or earlier keys: the accumulation below reads them with probability 0)
     auto flush = [&]() {
         if (nb == 0) {
             return;
         }
         for (int64_t h = 0; h < Hn; ++h) {
             const v16 * qh = &qv[size_t(h * Dv)];
-            v16 d[kKeys] = {};  // kKeys independent dot products
-            for (int64_t i = 0; i < Dv; ++i) {
-                const v16 qi = qh[i];
-                for (int b = 0; b < kKeys; ++b) {
-                    d[b] += qi * kv[size_t(b * Dv + i)];
-                }
-            }
             float mx = m[size_t(h)];
             for (int b = 0; b < nb; ++b) {
-                s[b] = scale * hsum(d[b]) + mk[b];
+                s[b] = scale * dot(qh, &kv[size_t(b * Dv)], Dv) + mk[b];
                 mx = std::max(mx, s[b]);
             }
             // online softmax: rescale what was accumulated under the old maximum
