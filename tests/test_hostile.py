@@ -281,6 +281,33 @@ def test_fuzz_loader_bounded(tmp_path):
     assert m and int(m.group(1)) > 0, tail
 
 
+
+def test_weights_too_big_to_copy_are_read_in_place(tmp_path):
+    """With repack, the non-expert weights no layout takes are copied as they are (huge pages),
+    but only while they fit in a quarter of the machine's memory: a file whose F32 matrices are
+    GiBs each (sparse on disk) must not be copied (regression: a 20 GiB copy of zeros at load).
+    The child's address space is capped, so a copy attempt fails fast with the copy's message
+    instead of the session state's."""
+    case = next(c for c in hostile.case_list() if c.name == "huge/head-dim-2^30-loads")
+    path = tmp_path / "big.gguf"
+    hostile.write_file(case.data, path)
+    import gguf
+    copied = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors
+                 if "_exps" not in t.name and t.name != "token_embd.weight")
+    if copied <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4:
+        pytest.skip(f"this machine's memory would take the {copied / 2**30:.0f} GiB copy")
+    code = (
+        "import resource, sys, dsv4_ggml\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (16 * 2**30, 16 * 2**30))\n"
+        "try:\n"
+        "    dsv4_ggml.Model(sys.argv[1], n_ctx=256, n_threads=1, repack='auto')\n"
+        "except dsv4_ggml.errors.OutOfMemoryError as e:\n"
+        "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=_child_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "session state" in r.stdout, r.stdout + r.stderr[-2000:]
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child_main([int(i) for i in sys.argv[2].split(",")])

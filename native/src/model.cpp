@@ -85,9 +85,15 @@ void advise_huge_pages(void * data, size_t size) {
     }
 }
 
+size_t physical_memory_bytes() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    return pages > 0 && page > 0 ? size_t(pages) * size_t(page) : 0;
+}
+
 // Gives every weight its memory: host weights are the mapped file itself (read in place);
 // device weights (backend CUDA, backend.h) get a device buffer and are uploaded; on the CPU with
-// `repack`, the matrices ggml can re-lay out get an AMX or CPU_REPACK buffer instead. Progress is
+// `repack`, the matrices ggml can re-lay out get an AMX or CPU_REPACK buffer instead, and the other
+// non-expert weights but the token embedding a plain copy (when they fit). Progress is
 // reported by bytes over both; `prefetch` also reads every host page now, so that the first
 // tokens do not stall on page faults.
 void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
@@ -108,15 +114,25 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
     for (size_t i = 0; i < bound.size(); ++i) {
         ggml_backend_buffer_type_t buft = weight_buffer_type(p, m.hp, bufts, bound[i].tensor, bound[i].info->name);
         if (buft == nullptr) {
-            if (ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) != GGML_STATUS_SUCCESS) {
-                fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
-            }
             continue;
         }
         const auto k = size_t(std::find(bufts.begin(), bufts.end(), buft) - bufts.begin());
         GGML_ASSERT(k < bufts.size());
         target[i] = int(k);
         bytes[k] += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor), ggml_backend_buft_get_alignment(buft));
+    }
+    // the plain copies (weights as they are, for huge pages) are only a speed-up: where they would
+    // take more than a quarter of this machine's memory, those weights are read in place instead
+    const auto plain = size_t(std::find(bufts.begin(), bufts.end(), ggml_backend_cpu_buffer_type()) - bufts.begin());
+    if (plain < bufts.size() && bytes[plain] > physical_memory_bytes() / 4) {
+        std::replace(target.begin(), target.end(), int(plain), -1);
+        bytes[plain] = 0;
+    }
+    for (size_t i = 0; i < bound.size(); ++i) {
+        if (target[i] < 0 &&
+            ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) != GGML_STATUS_SUCCESS) {
+            fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
+        }
     }
     size_t device_bytes = 0;
     for (size_t k = 0; k < bufts.size(); ++k) {
