@@ -288,6 +288,8 @@ def test_weights_too_big_to_copy_are_read_in_place(tmp_path):
     GiBs each (sparse on disk) must not be copied (regression: a 20 GiB copy of zeros at load).
     The child's address space is capped, so a copy attempt fails fast with the copy's message
     instead of the session state's."""
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("ASan's shadow memory does not fit an address-space cap (the corpus covers the case there)")
     case = next(c for c in hostile.case_list() if c.name == "huge/head-dim-2^30-loads")
     path = tmp_path / "big.gguf"
     hostile.write_file(case.data, path)
