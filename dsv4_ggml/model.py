@@ -66,7 +66,8 @@ class Model:
     On the CPU, `repack=True` ("auto") copies the quantized matrices into ggml's AMX layout
     where the CPU has AMX and the matrix fits it (routed experts included), else the
     non-expert ones into ggml's interleaved layout where one exists for their type, and the
-    other non-expert weights as they are (all but the token embedding; every copy on
+    other non-expert weights as they are (all but the token embedding, while they fit in a
+    quarter of physical memory; every copy on
     transparent huge pages where the kernel allows: faster prefill and decode, but the copies
     live in process memory); "amx" and "interleaved" use only
     that layout, False ("none") reads every weight from the mapped file in place (`tensors`

@@ -58,7 +58,8 @@ typedef enum dsv4_backend {
 /* CPU weight layouts: which quantized matrices are copied out of the mapped file into one of
  * ggml's re-laid-out buffers at load (routed experts: the AMX layout only, through our patch
  * 0004; the interleaved one slows their prefill). Except with NONE, the other non-expert weights
- * but the token embedding are copied as they are. A copy lives in process memory (transparent
+ * but the token embedding are copied as they are, while they fit in a quarter of physical
+ * memory. A copy lives in process memory (transparent
  * huge pages where the kernel allows). */
 typedef enum dsv4_repack {
     DSV4_REPACK_NONE = 0,         /* read every weight in place */
