@@ -1,6 +1,5 @@
 #include "ops.h"
-
-#include "ggml-cpu.h"
+#include "cpu_rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,16 +23,6 @@ struct Part {
     const float * mask;        // n values
     int64_t n;
 };
-
-void row_to_float(const ggml_tensor * t, int64_t r, float * out) {
-    const char * src = static_cast<const char *>(t->data) + r * t->nb[1];
-    switch (t->type) {
-        case GGML_TYPE_F32: std::memcpy(out, src, size_t(t->ne[0]) * sizeof(float)); break;
-        case GGML_TYPE_F16: ggml_cpu_fp16_to_fp32(reinterpret_cast<const ggml_fp16_t *>(src), out, t->ne[0]); break;
-        case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32(reinterpret_cast<const ggml_bf16_t *>(src), out, t->ne[0]); break;
-        default: ggml_get_type_traits(t->type)->to_float(src, out, t->ne[0]); break;
-    }
-}
 
 using v8 = float __attribute__((vector_size(32)));
 using v4 = float __attribute__((vector_size(16)));
@@ -71,8 +60,7 @@ ggml_tensor * attend_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * s
     GGML_ASSERT(q->type == GGML_TYPE_F32 && ggml_is_contiguous(q) && q->ne[2] == 1 && q->ne[3] == 1);
     GGML_ASSERT(sinks->type == GGML_TYPE_F32 && ggml_nelements(sinks) == H && ggml_is_contiguous(sinks));
     auto check_rows = [&](const ggml_tensor * t) {
-        GGML_ASSERT(t->ne[0] == Dh && t->ne[2] == 1 && t->ne[3] == 1 && ggml_is_contiguous_rows(t) &&
-                    (t->type == GGML_TYPE_F32 || ggml_get_type_traits(t->type)->to_float != nullptr));
+        GGML_ASSERT(t->ne[0] == Dh && t->ne[2] == 1 && t->ne[3] == 1 && ggml_is_contiguous_rows(t) && rows_convertible(t));
     };
     auto check_mask = [&](const ggml_tensor * m, int64_t n) {
         GGML_ASSERT(m->type == GGML_TYPE_F32 && ggml_is_contiguous(m) && ggml_nelements(m) == n);

@@ -1,6 +1,5 @@
 #include "ops.h"
-
-#include "ggml-cpu.h"
+#include "cpu_rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,7 +30,7 @@ ggml_tensor * indexer_scores(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
     const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2], n = keys->ne[1];
     GGML_ASSERT(q->type == GGML_TYPE_F32 && w->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && q->ne[3] == 1);
     GGML_ASSERT(keys->ne[0] == Dh && keys->ne[2] == 1 && keys->ne[3] == 1 && ggml_is_contiguous_rows(keys) &&
-                (keys->type == GGML_TYPE_F32 || ggml_get_type_traits(keys->type)->to_float != nullptr));
+                rows_convertible(keys));
     GGML_ASSERT(w->ne[0] == H && w->ne[1] == T && w->nb[0] == sizeof(float));
     GGML_ASSERT((mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) && mask->ne[0] == n && mask->ne[1] == T);
     ggml_tensor * args[] = {q, keys, w, mask};
@@ -48,13 +47,6 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * m = dst->src[3];
     const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2], n = k->ne[1];
     const int64_t Hp = (H + kLanes - 1) / kLanes * kLanes;
-    // key rows to floats: ggml-cpu's vectorized conversions for F16 and BF16, else the type's own
-    const ggml_to_float_t to_float =
-        k->type == GGML_TYPE_F32    ? nullptr
-        : k->type == GGML_TYPE_F16  ? [](const void * x, float * y, int64_t n) { ggml_cpu_fp16_to_fp32(static_cast<const ggml_fp16_t *>(x), y, n); }
-        : k->type == GGML_TYPE_BF16 ? [](const void * x, float * y, int64_t n) { ggml_cpu_bf16_to_fp32(static_cast<const ggml_bf16_t *>(x), y, n); }
-                                    : ggml_get_type_traits(k->type)->to_float;
-
     // work items: (query, chunk of kChunk keys), a contiguous range per thread
     const int64_t n_chunks = (n + kChunk - 1) / kChunk;
     const int64_t items = T * n_chunks;
@@ -102,12 +94,7 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
                     std::fill(dstk, dstk + Dh, 0.0f);
                     continue;
                 }
-                const char * row = static_cast<const char *>(k->data) + (jb + r) * k->nb[1];
-                if (to_float != nullptr) {
-                    to_float(row, dstk, Dh);
-                } else {
-                    std::memcpy(dstk, row, size_t(Dh) * sizeof(float));
-                }
+                row_to_float(k, jb + r, dstk);  // the key row as floats
             }
             float score[kKeys] = {};
             for (int64_t hc = 0; hc < Hp; hc += kLanes) {

@@ -411,7 +411,7 @@ ggml_tensor * attend_flash(ggml_context * ctx, ggml_tensor * q, const KeySet & k
     ggml_tensor * k4 = ggml_reshape_4d(ctx, k, k->ne[0], k->ne[1], 1, 1);
     ggml_tensor * q4 = ggml_permute(ctx, q, 0, 2, 1, 3);  // ne{Dh, T, H}
     ggml_tensor * out = ggml_flash_attn_ext(ctx, q4, k4, k4, ggml_cast(ctx, mask, GGML_TYPE_F16), scale, 0.0f, 0.0f);
-    ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
+    GGML_ASSERT(ggml_prec_set_acc(out, GGML_PREC_F32));  // accumulate in F32
     ggml_flash_attn_ext_add_sinks(out, sinks);
     return out;  // ne{Dh, H, T}
 }
