@@ -281,7 +281,6 @@ def test_fuzz_loader_bounded(tmp_path):
     assert m and int(m.group(1)) > 0, tail
 
 
-
 def test_weights_too_big_to_copy_are_read_in_place(tmp_path):
     """With repack, the non-expert weights no layout takes are copied as they are (huge pages),
     but only while they fit in a quarter of the machine's memory: a file whose F32 matrices are
@@ -309,6 +308,7 @@ def test_weights_too_big_to_copy_are_read_in_place(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "session state" in r.stdout, r.stdout + r.stderr[-2000:]
+
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":

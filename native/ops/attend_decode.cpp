@@ -13,7 +13,7 @@ namespace {
 
 using v16 = float __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
-constexpr int kKeys = 8;  // keys converted, scored and accumulated together (flush() is written for 8)
+constexpr int kKeys = 8;  // keys converted, scored and accumulated together
 
 // A source of keys: rows of `rows` (any type with a float conversion), all of its first n rows or
 // those `idx` names, with one additive mask value per key.
@@ -155,6 +155,7 @@ void attend_decode_cpu(ggml_tensor * dst, int ith, int nth, void *) {
                 lsum += p[b];
             }
             // acc = acc·corr + Σ_b p_b·k_b, in four independent sums
+            static_assert(kKeys == 8, "the sums below name the 8 keys");
             v16 * ah = &acc[size_t(h * Dv)];
             for (int64_t i = 0; i < Dv; ++i) {
                 const v16 * k = &kv[size_t(i)];

@@ -25,6 +25,20 @@ struct Input {
     int64_t ne2 = 1;
 };
 
+// The ggml type of an op's cache rows of head_dim values, as the C entries take it: f32, f16, bf16
+// or q8_0 (the cache types), whole blocks per row.
+ggml_type key_row_type(const char * name, int32_t key_type, int64_t head_dim) {
+    const ggml_type kt = ggml_type(key_type);
+    if (kt != GGML_TYPE_F32 && kt != GGML_TYPE_F16 && kt != GGML_TYPE_BF16 && kt != GGML_TYPE_Q8_0) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "%s: key type %d is not f32, f16, bf16 or q8_0", name, int(key_type));
+    }
+    if (head_dim % ggml_blck_size(kt) != 0) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "%s: head_dim %lld is not a multiple of %s blocks", name, (long long) head_dim,
+             ggml_type_name(kt));
+    }
+    return kt;
+}
+
 void run_op(const char * name, int32_t backend, int32_t n_threads, const std::vector<Input> & inputs,
             const std::function<ggml_tensor *(ggml_context *, const std::vector<ggml_tensor *> &)> & build, void * out) {
     ggml_init_params ip = {ggml_tensor_overhead() * (inputs.size() + 4) + ggml_graph_overhead(), nullptr, true};
@@ -119,14 +133,7 @@ dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t h
             fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: bad shape (head_dim %lld, heads %lld, tokens %lld, keys %lld)",
                  (long long) head_dim, (long long) n_head, (long long) n_tokens, (long long) n_keys);
         }
-        const ggml_type kt = ggml_type(key_type);
-        if (kt != GGML_TYPE_F32 && kt != GGML_TYPE_F16 && kt != GGML_TYPE_BF16 && kt != GGML_TYPE_Q8_0) {
-            fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: key type %d is not f32, f16, bf16 or q8_0", int(key_type));
-        }
-        if (head_dim % ggml_blck_size(kt) != 0) {
-            fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: head_dim %lld is not a multiple of %s blocks",
-                 (long long) head_dim, ggml_type_name(kt));
-        }
+        const ggml_type kt = key_row_type("indexer_scores", key_type, head_dim);
         run_op("indexer_scores", backend, n_threads,
                {{GGML_TYPE_F32, head_dim, n_head, q, n_tokens}, {kt, head_dim, n_keys, keys},
                 {GGML_TYPE_F32, n_head, n_tokens, weights}, {GGML_TYPE_F32, n_keys, n_tokens, mask}},
@@ -155,14 +162,7 @@ dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t he
             fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: a cache needs its rows and mask, and cache_idx exactly when "
                  "n_picked > 0");
         }
-        const ggml_type kt = ggml_type(key_type);
-        if (kt != GGML_TYPE_F32 && kt != GGML_TYPE_F16 && kt != GGML_TYPE_BF16 && kt != GGML_TYPE_Q8_0) {
-            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: key type %d is not f32, f16, bf16 or q8_0", int(key_type));
-        }
-        if (head_dim % ggml_blck_size(kt) != 0) {
-            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: head_dim %lld is not a multiple of %s blocks",
-                 (long long) head_dim, ggml_type_name(kt));
-        }
+        const ggml_type kt = key_row_type("attend_decode", key_type, head_dim);
         std::vector<Input> in = {{GGML_TYPE_F32, head_dim, n_head, q},  {GGML_TYPE_F32, n_head, 1, sinks},
                                  {kt, head_dim, n_ring, ring},          {GGML_TYPE_F32, head_dim, 1, fresh},
                                  {GGML_TYPE_F32, n_ring + 1, 1, ring_mask}};
