@@ -20,11 +20,12 @@ from typing import Any, Callable, Sequence
 
 from .dsl import Const, DslError, Expr, Model, Sym, TensorDecl, lift
 
-T = Sym("T")                      # tokens in the micro-batch (C++: the local T = s.n_tokens)
+T = Sym("T")                      # tokens in the micro-batch, of every sequence in it (C++: T = s.n_tokens)
 # Dims known only to the runtime (used for shape checks, never emitted as C++ dims):
 N_VIEW = Sym("n_view")            # compressed-cache rows visible to the batch
 N_BLOCKS = Sym("n_blocks")        # compressor blocks processed in the batch
-RUNTIME_DIMS = {"n_view", "n_blocks"}
+N_CACHE = Sym("n_cache")          # compressed-cache rows of every sequence slot
+RUNTIME_DIMS = {"n_view", "n_blocks", "n_cache"}
 
 
 _DERIVED: dict[str, Expr] = {}    # derived hyperparameters, expanded before comparing dims

@@ -237,8 +237,10 @@ MODEL = m
 # Blocks (§3): one generated C++ function per block and variant (native/generated/blocks.cpp).
 # `b.*` ops are checked symbolically here and lower to ggml calls; `s.*` calls in the C++ are the
 # hand-written runtime (native/src/step.h: window, compressor state, caches, the per-step plan).
+# A batch `T` holds tokens of one or more sequences (consecutive positions each): every weight
+# applies to the whole batch, the runtime's calls keep each sequence to its own state.
 
-from .graph import N_BLOCKS, N_VIEW, T, Output, Variant, block_decorator  # noqa: E402
+from .graph import N_BLOCKS, N_CACHE, N_VIEW, T, Output, Variant, block_decorator  # noqa: E402
 
 BLOCKS: list = []
 block = block_decorator(m, BLOCKS)
@@ -287,8 +289,9 @@ def hc_pre(b, _, X, fn, scale, base):
 @block("compress", "§3.5", params=[("x", (D, T))], output=Output(None), variants=COMPRESSORS)
 def compress(b, L, x):
     """Runs one compressor over the batch: projects values and gate logits, pools every block
-    the batch completes, norms and ropes each entry at its block's first position, writes it
-    into the layer's cache and returns the cache rows the batch may see."""
+    the batch completes (each sequence's blocks from its own ring), norms and ropes each entry
+    at its block's first position, writes it into its sequence's rows of the layer's cache and
+    returns the cache."""
     stream, r, d, w = L.stream, L.ratio, L.width, L.w
     a = b.linear(getattr(L, w + "_kv"), x)                       # values
     ape = b.get_rows(getattr(L, w + "_ape"), b.call("ape_row", (T,), f"s.ape_rows(Stream::{stream})",
@@ -301,8 +304,8 @@ def compress(b, L, x):
     entry = b.entries(b.rms_norm(pooled, getattr(L, w + "_norm")))
     entry = b.rope(entry, b.call("block_pos", (N_BLOCKS,), f"s.block_positions(Stream::{stream})",
                                  dtype="i32"))               # at the block's first token j·r (§7 #6)
-    return b.call("cache", (d, N_VIEW), f"s.store(il, Stream::{stream}, {{}})", entry,
-                  comment="write the new entries; the cache rows visible to this batch")
+    return b.call("cache", (d, N_CACHE), f"s.store(il, Stream::{stream}, {{}})", entry,
+                  comment="write the new entries; the whole cache (every sequence's rows)")
 
 
 @block("indexer", "§3.6", params=[("x", (D, T)), ("qr", (q_lora_rank, T))],
@@ -315,9 +318,8 @@ def indexer(b, L, x, qr):
     q = b.rope(q, b.positions)
     w = b.scale(b.linear(L.indexer_proj, x),
                 "1.0f / std::sqrt(float(hp.indexer_head_dim) * float(hp.indexer_n_head))")
-    return b.call("scores", (N_VIEW, T),
-                  "ops::indexer_scores(ctx, {0}, {1}, {2}, s.indexer_mask())", q, keys, w,
-                  comment="Σ_h w_h·relu(q_h·k_j) plus the causal mask")
+    return b.call("scores", (N_VIEW, T), "s.indexer_scores(il, {0}, {1}, {2})", q, keys, w,
+                  comment="Σ_h w_h·relu(q_h·k_j) over each query's own sequence, plus the causal mask")
 
 
 @block("attention", "§3.4", params=[("x", (D, T))], output=Output((D, T)), variants=ATTENTION)

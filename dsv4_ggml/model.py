@@ -77,9 +77,14 @@ class Model:
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
                  backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
                  flash_attn: bool = True, prefetch: bool = False, progress=None,
-                 n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool | str = True):
+                 n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool | str = True,
+                 n_seq: int = 1, n_rollback: int = 32, checkpoint_interval: int = 1024, n_checkpoints: int = 8):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        for name, value in (("n_seq", n_seq), ("n_rollback", n_rollback),
+                            ("checkpoint_interval", checkpoint_interval), ("n_checkpoints", n_checkpoints)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
                                       or n_threads < 1):
             raise InvalidArgumentError(f"n_threads must be a positive integer or None, got {n_threads!r}")
@@ -137,6 +142,8 @@ class Model:
         sp.n_threads = self.n_threads
         sp.cache_type = CACHE_TYPES[cache_type]
         sp.flash_attn = bool(flash_attn)
+        sp.n_seq, sp.n_rollback = n_seq, n_rollback
+        sp.checkpoint_interval, sp.n_checkpoints = checkpoint_interval, n_checkpoints
         sess = ffi.new("dsv4_session **")
         try:
             _native.check(lib.dsv4_session_create(self._model, sp, sess))
@@ -144,21 +151,24 @@ class Model:
             self.close()
             raise
         self._session = ffi.gc(sess[0], lib.dsv4_session_free)
+        self._params = sp
         self.n_ctx = n_ctx
         self.n_ubatch = n_ubatch
+        self.n_seq = n_seq
         self.name = os.path.splitext(os.path.basename(self.path))[0]
-        self._tokens: list[int] = []          # the sequence the session holds
-        self._last_logits: np.ndarray | None = None
+        self._seqs: list[list[int]] = [[] for _ in range(n_seq)]    # the tokens each sequence holds
+        self._last: list[np.ndarray | None] = [None] * n_seq        # each one's last logits, when known
         self._tokenizer = None
         self._chat_template = None
 
     # --- inference ------------------------------------------------------------------------------
-    def eval(self, tokens, logits: str = "all") -> np.ndarray:
-        """Appends `tokens` to the sequence and returns their logits, float32
-        `[len(tokens), n_vocab]` (`logits="all"`), or only the last row `[1, n_vocab]`
-        (`logits="last"`). Raises (and leaves the state unchanged) on bad token ids and when
-        the tokens do not fit in n_ctx."""
-        self._require_open()
+    def _seq(self, seq) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.n_seq:
+            raise InvalidArgumentError(f"sequence {seq!r} does not exist (this model holds n_seq={self.n_seq}: "
+                                       f"0 … {self.n_seq - 1})")
+        return int(seq)
+
+    def _token_array(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise InvalidArgumentError(f"tokens must be a 1-D sequence of token ids, got shape {arr.shape}")
@@ -169,54 +179,124 @@ class Model:
         if arr.min() < 0 or arr.max() >= self.n_vocab:
             bad = arr[(arr < 0) | (arr >= self.n_vocab)][0]
             raise InvalidArgumentError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def eval(self, tokens, logits: str = "all", *, seq: int = 0) -> np.ndarray:
+        """Appends `tokens` to sequence `seq` (default 0) and returns their logits, float32
+        `[len(tokens), n_vocab]` (`logits="all"`), or only the last row `[1, n_vocab]`
+        (`logits="last"`). Raises (and leaves the state unchanged) on bad token ids and when
+        the tokens do not fit in n_ctx."""
+        return self.eval_batch({seq: tokens}, logits=logits)[self._seq(seq)]
+
+    def eval_batch(self, batch: dict, logits: str = "last") -> dict[int, np.ndarray]:
+        """Appends tokens to several sequences at once, `{seq: tokens, ...}`, and returns
+        `{seq: logits}` (each `[len(tokens), n_vocab]` with `logits="all"`, `[1, n_vocab]` with
+        "last"). The sequences run together: each micro-batch reads the weights once for all of
+        them (prompt chunks and single decode tokens mixed), each sequence attends to its own
+        state, and each gets the logits it would get alone. Validates everything first: on an
+        error no sequence changes."""
+        self._require_open()
+        if not isinstance(batch, dict) or not batch:
+            raise InvalidArgumentError("eval_batch needs a non-empty dict {seq: tokens}")
         if logits not in ("all", "last"):
             raise InvalidArgumentError(f"logits must be 'all' or 'last', got {logits!r}")
-        toks = np.ascontiguousarray(arr, dtype=np.int32)
-        rows = len(toks) if logits == "all" else 1
-        out = np.empty((rows, self.n_vocab), dtype=np.float32)
         ffi, lib = self._ffi, self._lib
-        _native.check(lib.dsv4_session_eval(
-            self._session, ffi.cast("const int32_t *", toks.ctypes.data), len(toks),
-            ffi.cast("float *", out.ctypes.data), rows))
-        self._tokens.extend(int(t) for t in toks)
-        self._last_logits = out[-1]
+        entries = ffi.new("dsv4_seq_batch[]", len(batch))
+        keep, out = [], {}
+        for i, (seq, tokens) in enumerate(batch.items()):
+            seq = self._seq(seq)
+            toks = self._token_array(tokens)
+            rows = len(toks) if logits == "all" else 1
+            res = np.empty((rows, self.n_vocab), dtype=np.float32)
+            entries[i].seq = seq
+            entries[i].tokens = ffi.cast("const int32_t *", toks.ctypes.data)
+            entries[i].n_tokens = len(toks)
+            entries[i].logits = ffi.cast("float *", res.ctypes.data)
+            entries[i].out_rows = rows
+            keep.append(toks)
+            out[seq] = res
+        if len(out) != len(batch):
+            raise InvalidArgumentError("eval_batch: a sequence appears twice")
+        _native.check(lib.dsv4_session_eval_batch(self._session, entries, len(batch)))
+        for (seq, res), toks in zip(out.items(), keep):
+            self._seqs[seq].extend(int(t) for t in toks)
+            self._last[seq] = res[-1]
         return out
 
-    def save_state(self) -> bytes:
-        """The session's whole state (caches, rings, tokens) as a checksummed blob, for
-        `load_state` on a session of the same model, n_ctx and cache type."""
+    def truncate(self, n: int, seq: int = 0) -> None:
+        """Keeps the first `n` tokens of sequence `seq` and forgets the rest: the next eval goes on
+        from position n exactly as if the forgotten tokens had never been seen. Costs nothing when
+        n is within `n_rollback` (default 32) tokens of the furthest the sequence has been since it
+        was last reset or loaded; further back it restores the nearest checkpoint (one every
+        `checkpoint_interval` tokens, the last `n_checkpoints` kept) and recomputes the tokens
+        between it and n (from the start without one)."""
         self._require_open()
+        seq = self._seq(seq)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise InvalidArgumentError(f"truncate needs a token count, got {n!r}")
+        _native.check(self._lib.dsv4_session_truncate(self._session, seq, int(n)))
+        if n < len(self._seqs[seq]):
+            del self._seqs[seq][int(n):]
+            self._last[seq] = None
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Makes sequence `dst` a copy of sequence `src` (a shared prefix evaluated once, then
+        continued in several slots)."""
+        self._require_open()
+        src, dst = self._seq(src), self._seq(dst)
+        _native.check(self._lib.dsv4_session_copy_seq(self._session, src, dst))
+        self._seqs[dst] = list(self._seqs[src])
+        self._last[dst] = self._last[src]
+
+    def tokens(self, seq: int = 0) -> list[int]:
+        """The tokens sequence `seq` holds."""
+        return list(self._seqs[self._seq(seq)])
+
+    @property
+    def _tokens(self) -> list[int]:
+        return self._seqs[0]
+
+    def save_state(self, seq: int = 0) -> bytes:
+        """Sequence `seq`'s state (the ring rows it needs, the entries of its completed blocks, its
+        tokens) as a checksummed blob, for `load_state` into any sequence of a model of the same
+        file and cache type whose n_ctx holds it. The blob depends only on the sequence, not on how
+        it was computed (alone or batched, rolled back, copied)."""
+        self._require_open()
+        seq = self._seq(seq)
         ffi, lib = self._ffi, self._lib
         n = ffi.new("size_t *")
-        _native.check(lib.dsv4_session_state_size(self._session, n))
+        _native.check(lib.dsv4_session_state_size(self._session, seq, n))
         buf = bytearray(n[0])
         written = ffi.new("size_t *")
-        _native.check(lib.dsv4_session_save_state(self._session, ffi.from_buffer(buf), len(buf), written))
+        _native.check(lib.dsv4_session_save_state(self._session, seq, ffi.from_buffer(buf), len(buf), written))
         return bytes(buf[:written[0]])
 
-    def load_state(self, blob: bytes) -> None:
-        """Restores a state saved by `save_state`. A corrupt or foreign blob raises StateError and
-        leaves the session unchanged."""
+    def load_state(self, blob: bytes, seq: int = 0) -> None:
+        """Restores a state saved by `save_state` into sequence `seq`. A corrupt or foreign blob
+        raises StateError and leaves the session unchanged."""
         self._require_open()
+        seq = self._seq(seq)
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError("load_state needs the bytes returned by save_state")
         ffi, lib = self._ffi, self._lib
         data = bytes(blob)
-        _native.check(lib.dsv4_session_load_state(self._session, ffi.from_buffer(data), len(data)))
+        _native.check(lib.dsv4_session_load_state(self._session, seq, ffi.from_buffer(data), len(data)))
         n = ffi.new("int64_t *")
-        _native.check(lib.dsv4_session_tokens(self._session, ffi.NULL, 0, n))
+        _native.check(lib.dsv4_session_tokens(self._session, seq, ffi.NULL, 0, n))
         toks = np.empty(n[0], dtype=np.int32)
         if n[0]:
-            _native.check(lib.dsv4_session_tokens(self._session, ffi.cast("int32_t *", toks.ctypes.data), n[0], n))
-        self._tokens = [int(t) for t in toks]
-        self._last_logits = None
+            _native.check(lib.dsv4_session_tokens(self._session, seq, ffi.cast("int32_t *", toks.ctypes.data), n[0], n))
+        self._seqs[seq] = [int(t) for t in toks]
+        self._last[seq] = None
 
-    def reset(self) -> None:
-        """Forgets every token (empty windows and caches)."""
+    def reset(self, seq: int | None = None) -> None:
+        """Forgets every token of sequence `seq` (None: of every sequence)."""
         self._require_open()
-        _native.check(self._lib.dsv4_session_reset(self._session))
-        self._tokens = []
-        self._last_logits = None
+        seqs = range(self.n_seq) if seq is None else [self._seq(seq)]
+        _native.check(self._lib.dsv4_session_reset(self._session, -1 if seq is None else seqs[0]))
+        for s in seqs:
+            self._seqs[s] = []
+            self._last[s] = None
 
     # --- text ------------------------------------------------------------------------------------
     @property
@@ -255,24 +335,36 @@ class Model:
         return self.tokenizer.decode(ids)
 
     # --- generation -------------------------------------------------------------------------------
-    def _feed(self, tokens: list[int]) -> np.ndarray:
-        """Makes the session hold `tokens`, evaluating only what follows the longest reusable
-        prefix (the whole current sequence, when it is a prefix), and returns the last logits."""
-        n = len(self._tokens)
-        if n and len(tokens) > n and tokens[:n] == self._tokens:
-            return self.eval(tokens[n:], logits="last")[0]
-        if tokens == self._tokens and self._last_logits is not None:
-            return self._last_logits
-        self.reset()
-        return self.eval(tokens, logits="last")[0]
+    def _feed(self, tokens: list[int], seq: int = 0) -> np.ndarray:
+        """Makes sequence `seq` hold `tokens`, evaluating only what follows the longest common prefix
+        of the tokens it holds and these (a chat's next turn, or a thinking-mode turn whose earlier
+        reasoning was dropped: the sequence is rolled back to where they part), and returns the
+        last token's logits."""
+        seq = self._seq(seq)
+        held = self._seqs[seq]
+        common = 0
+        for a, b in zip(held, tokens):
+            if a != b:
+                break
+            common += 1
+        if common == len(tokens):
+            if common == len(held) and self._last[seq] is not None:
+                return self._last[seq]
+            common -= 1          # the prompt is held whole: recompute its last token for the logits
+        if common < len(held):
+            self.truncate(common, seq=seq)
+        return self.eval(tokens[common:], logits="last", seq=seq)[0]
 
-    def _tokens_for_text(self, text: str) -> list[int]:
-        """Tokens of a rendered prompt that extends the current sequence's text: the sequence's
-        own tokens, then the new text's (so a chat's next turn evaluates only the new turn)."""
-        if self._tokens:
-            held = self.tokenizer.decode(self._tokens)
+    def _tokens_for_text(self, text: str, seq: int = 0) -> list[int]:
+        """Tokens of a rendered prompt. When it extends the text sequence `seq` holds, the held
+        tokens, then the new text's (so a chat's next turn evaluates only the new turn, whatever
+        the tokenizer would make of the whole text); otherwise the text's own tokens (`_feed` then
+        keeps the common prefix)."""
+        held_tokens = self._seqs[self._seq(seq)]
+        if held_tokens:
+            held = self.tokenizer.decode(held_tokens)
             if len(text) > len(held) and text.startswith(held):
-                return self._tokens + self.tokenize(text[len(held):], add_bos=False)
+                return held_tokens + self.tokenize(text[len(held):], add_bos=False)
         return self.tokenize(text, add_bos=False)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
@@ -307,15 +399,21 @@ class Model:
 
     @property
     def n_past(self) -> int:
-        """Tokens in the sequence so far."""
+        """Tokens in sequence 0 so far."""
+        return self.seq_len(0)
+
+    def seq_len(self, seq: int = 0) -> int:
+        """Tokens in sequence `seq` so far."""
         self._require_open()
         n = self._ffi.new("int64_t *")
-        _native.check(self._lib.dsv4_session_n_past(self._session, n))
+        _native.check(self._lib.dsv4_session_n_past(self._session, self._seq(seq), n))
         return int(n[0])
 
     def stats(self) -> dict[str, int]:
-        """Session counters: n_past, n_ubatches, n_graph_builds, n_graph_nodes, state_bytes,
-        compute_bytes."""
+        """Session counters: n_past (sequence 0), n_ubatches, n_graph_builds, n_graph_nodes,
+        state_bytes (every slot), slot_state_bytes (one slot), n_seq, checkpoint_bytes, n_restores
+        and n_reevaluated (truncations that went back further than the rings reach, and the tokens
+        they recomputed), compute_bytes."""
         self._require_open()
         st = self._ffi.new("dsv4_session_stats *")
         _native.check(self._lib.dsv4_session_get_stats(self._session, st))
@@ -331,15 +429,19 @@ class Model:
     def n_vocab(self) -> int:
         return int(self.hparams["n_vocab"])
 
-    def estimate_state_bytes(self, n_ctx: int, cache_type: str | None = None) -> int:
-        """Persistent state a session of n_ctx tokens needs (nothing is allocated)."""
+    def estimate_state_bytes(self, n_ctx: int, cache_type: str | None = None, n_seq: int = 1,
+                             per_slot: bool = False) -> int:
+        """Persistent state a session of n_ctx tokens and n_seq sequences needs (nothing is
+        allocated); `per_slot=True`: what each sequence slot takes."""
         self._require_open()
         ct = CACHE_TYPES.get(cache_type or self.cache_type)
         if ct is None:
             raise InvalidArgumentError(f"cache_type must be one of {sorted(CACHE_TYPES)}")
-        out = self._ffi.new("uint64_t *")
-        _native.check(self._lib.dsv4_model_state_bytes(self._model, int(n_ctx), ct, out))
-        return int(out[0])
+        sp = self._ffi.new("dsv4_session_params *", self._params[0])
+        sp.n_ctx, sp.cache_type, sp.n_seq = int(n_ctx), ct, int(n_seq)
+        out, slot = self._ffi.new("uint64_t *"), self._ffi.new("uint64_t *")
+        _native.check(self._lib.dsv4_model_state_bytes(self._model, sp, out, slot))
+        return int(slot[0] if per_slot else out[0])
 
     @property
     def tensors(self) -> list[TensorInfo]:

@@ -50,8 +50,9 @@ HcSplit hc_pre(Step & s, ggml_tensor * X, ggml_tensor * fn, ggml_tensor * scale,
 
 // §3.5 compress (layers where compress_ratios == 4)
 // Runs one compressor over the batch: projects values and gate logits, pools every block
-// the batch completes, norms and ropes each entry at its block's first position, writes it
-// into the layer's cache and returns the cache rows the batch may see.
+// the batch completes (each sequence's blocks from its own ring), norms and ropes each entry
+// at its block's first position, writes it into its sequence's rows of the layer's cache and
+// returns the cache.
 ggml_tensor * compress_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
     const Scope scope(s, "compress_csa");
     ggml_context * ctx = s.ctx;
@@ -69,15 +70,16 @@ ggml_tensor * compress_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_t
     ggml_tensor * entry = ggml_reshape_3d(ctx, pooled_norm, pooled_norm->ne[0], 1, pooled_norm->ne[1]);
     ggml_tensor * block_pos = s.block_positions(Stream::CSA);
     ggml_tensor * entry_rope = rope_tail(ctx, entry, block_pos, s.rope(il));
-    // write the new entries; the cache rows visible to this batch
+    // write the new entries; the whole cache (every sequence's rows)
     ggml_tensor * out = s.store(il, Stream::CSA, entry_rope);
     return out;
 }
 
 // §3.5 compress (layers where compress_ratios == 128)
 // Runs one compressor over the batch: projects values and gate logits, pools every block
-// the batch completes, norms and ropes each entry at its block's first position, writes it
-// into the layer's cache and returns the cache rows the batch may see.
+// the batch completes (each sequence's blocks from its own ring), norms and ropes each entry
+// at its block's first position, writes it into its sequence's rows of the layer's cache and
+// returns the cache.
 ggml_tensor * compress_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
     const Scope scope(s, "compress_hca");
     ggml_context * ctx = s.ctx;
@@ -95,15 +97,16 @@ ggml_tensor * compress_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_t
     ggml_tensor * entry = ggml_reshape_3d(ctx, pooled_norm, pooled_norm->ne[0], 1, pooled_norm->ne[1]);
     ggml_tensor * block_pos = s.block_positions(Stream::HCA);
     ggml_tensor * entry_rope = rope_tail(ctx, entry, block_pos, s.rope(il));
-    // write the new entries; the cache rows visible to this batch
+    // write the new entries; the whole cache (every sequence's rows)
     ggml_tensor * out = s.store(il, Stream::HCA, entry_rope);
     return out;
 }
 
 // §3.5 compress (layers where compress_ratios == 4)
 // Runs one compressor over the batch: projects values and gate logits, pools every block
-// the batch completes, norms and ropes each entry at its block's first position, writes it
-// into the layer's cache and returns the cache rows the batch may see.
+// the batch completes (each sequence's blocks from its own ring), norms and ropes each entry
+// at its block's first position, writes it into its sequence's rows of the layer's cache and
+// returns the cache.
 ggml_tensor * compress_indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x) {
     const Scope scope(s, "compress_indexer");
     ggml_context * ctx = s.ctx;
@@ -121,7 +124,7 @@ ggml_tensor * compress_indexer(Step & s, const LayerWeights & L, uint32_t il, gg
     ggml_tensor * entry = ggml_reshape_3d(ctx, pooled_norm, pooled_norm->ne[0], 1, pooled_norm->ne[1]);
     ggml_tensor * block_pos = s.block_positions(Stream::INDEXER);
     ggml_tensor * entry_rope = rope_tail(ctx, entry, block_pos, s.rope(il));
-    // write the new entries; the cache rows visible to this batch
+    // write the new entries; the whole cache (every sequence's rows)
     ggml_tensor * out = s.store(il, Stream::INDEXER, entry_rope);
     return out;
 }
@@ -143,8 +146,8 @@ ggml_tensor * indexer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor
     ggml_tensor * q_rope = rope_tail(ctx, q, s.positions, s.rope(il));
     ggml_tensor * indexer_proj = ggml_mul_mat(ctx, L.indexer_proj, x);
     ggml_tensor * w = ggml_scale(ctx, indexer_proj, 1.0f / std::sqrt(float(hp.indexer_head_dim) * float(hp.indexer_n_head)));
-    // Σ_h w_h·relu(q_h·k_j) plus the causal mask
-    ggml_tensor * out = ops::indexer_scores(ctx, q_rope, keys, w, s.indexer_mask());
+    // Σ_h w_h·relu(q_h·k_j) over each query's own sequence, plus the causal mask
+    ggml_tensor * out = s.indexer_scores(il, q_rope, keys, w);
     return out;
 }
 

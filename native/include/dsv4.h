@@ -148,22 +148,33 @@ typedef struct dsv4_model_params {
 } dsv4_model_params;
 
 typedef struct dsv4_session_params {
-    int32_t n_ctx;             /* tokens the session can hold */
-    int32_t n_ubatch;          /* tokens per micro-batch of a prefill */
+    int32_t n_ctx;             /* tokens each sequence can hold */
+    int32_t n_ubatch;          /* tokens per micro-batch (all sequences of a step together) */
     int32_t n_threads;         /* CPU threads; <= 0: the model's setting */
     int32_t cache_type;        /* ggml type of the compressed caches: f32, f16 (default), bf16, q8_0 */
     bool flash_attn;           /* attention through ggml's flash attention (default) or matmul + softmax;
                                   a decode step on the CPU takes our fused attend_decode either way */
+    int32_t n_seq;             /* sequence slots (1 … 256), each with its own state; default 1 */
+    int32_t n_rollback;        /* tokens a sequence can be rolled back without recomputing (ring rows
+                                  kept beyond need; default 32) */
+    int32_t checkpoint_interval; /* a copy of a sequence's ring rows every this many tokens, for
+                                  rolling back further (0: none; default 1024) */
+    int32_t n_checkpoints;     /* the most recent checkpoints kept per sequence (default 8) */
 } dsv4_session_params;
 
 typedef struct dsv4_session_stats {
-    int64_t n_past;            /* tokens in the sequence */
+    int64_t n_past;            /* tokens in sequence 0 */
     int64_t n_ubatches;        /* micro-batches computed since the session was created */
-    int64_t n_graph_builds;    /* graphs built; the other micro-batches reused the previous graph */
+    int64_t n_graph_builds;    /* graphs built; the other micro-batches reused a cached graph */
     int64_t n_graph_nodes;     /* nodes of the current graph */
-    uint64_t state_bytes;      /* persistent state: windows, compressor rings, compressed caches */
+    uint64_t state_bytes;      /* persistent state of every slot: windows, compressor rings, compressed caches */
     uint64_t compute_bytes;    /* the compute buffer of the current (last used) graph */
     uint64_t compute_bytes_all; /* the compute buffers of every cached graph */
+    int32_t n_seq;             /* sequence slots */
+    uint64_t slot_state_bytes; /* the persistent state of one slot */
+    uint64_t checkpoint_bytes; /* host memory held by checkpoints, all slots */
+    int64_t n_restores;        /* truncations that went further back than the rings reach */
+    int64_t n_reevaluated;     /* tokens those recomputed */
 } dsv4_session_stats;
 
 DSV4_API const char * dsv4_version(void);
@@ -191,23 +202,30 @@ DSV4_API dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64
 DSV4_API dsv4_status dsv4_op_topk_rows(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
                                        const float * scores, int32_t * out);
 /* Runs our fused lightning-indexer scores op (native/ops/ops.h) once on `backend`: q: head_dim ×
- * n_head × n_tokens floats; keys: n_keys rows of head_dim values of ggml type key_type (f32, f16,
- * bf16 or q8_0); weights: n_head × n_tokens; mask: n_keys × n_tokens (0 or -inf); out: n_keys ×
- * n_tokens, out[t][j] = sum_h weights[t][h]·max(0, q[t][h]·keys[j]) + mask[t][j]. */
+ * n_head × n_tokens floats; keys: n_rows rows of head_dim values of ggml type key_type (f32, f16,
+ * bf16 or q8_0); weights: n_head × n_tokens; mask: n_keys × n_tokens (0 or -inf); base: n_tokens
+ * first key rows, or NULL (0); out: n_keys × n_tokens,
+ * out[t][j] = sum_h weights[t][h]·max(0, q[t][h]·keys[base[t] + j]) + mask[t][j]. */
 DSV4_API dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
-                                            int64_t n_tokens, int64_t n_keys, int32_t key_type, const float * q,
-                                            const void * keys, const float * weights, const float * mask, float * out);
-/* Runs our fused decode attention op (native/ops/ops.h) once on `backend`: q: head_dim × n_head
- * floats; sinks: n_head; ring: n_ring rows and cache: n_cache rows of head_dim values of ggml type
- * key_type (f32, f16, bf16 or q8_0); fresh: head_dim floats (this token's key); ring_mask: n_ring + 1
- * additive mask values (the ring rows', then fresh's); cache_mask: n_picked values with cache_idx
- * (n_picked row indices into cache), else n_cache; n_cache = 0: no cache. out: head_dim × n_head,
- * the softmax (with one sink logit per head) of scale·q·k + mask over those keys, applied to them. */
+                                            int64_t n_tokens, int64_t n_keys, int64_t n_rows, int32_t key_type,
+                                            const float * q, const void * keys, const float * weights,
+                                            const float * mask, const int32_t * base, float * out);
+/* Runs our fused decode attention op (native/ops/ops.h) once on `backend` for n_queries queries:
+ * q: head_dim × n_head × n_queries floats; sinks: n_head; ring: n_ring_rows rows and cache:
+ * n_cache_rows rows of head_dim values of ggml type key_type (f32, f16, bf16 or q8_0); fresh:
+ * head_dim × n_queries floats (each query's own key); ring_mask: (n_ring + 1) × n_queries additive
+ * mask values (per query its n_ring ring rows', then its own key's); bases: 2 × n_queries (per query
+ * its first ring row and first cache row), or NULL (0); cache_mask: n_picked × n_queries values with
+ * cache_idx (picked rows, counted from the query's first cache row), else n_cache × n_queries;
+ * n_cache_rows = 0: no cache. out: head_dim × n_head × n_queries, the softmax (with one sink logit
+ * per head) of scale·q·k + mask over each query's keys, applied to them. */
 DSV4_API dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
-                                           int64_t n_ring, int64_t n_cache, int64_t n_picked, int32_t key_type,
-                                           float scale, const float * q, const float * sinks, const void * ring,
-                                           const float * fresh, const float * ring_mask, const void * cache,
-                                           const float * cache_mask, const int32_t * cache_idx, float * out);
+                                           int64_t n_queries, int64_t n_ring, int64_t n_ring_rows, int64_t n_cache,
+                                           int64_t n_cache_rows, int64_t n_picked, int32_t key_type, float scale,
+                                           const float * q, const float * sinks, const void * ring,
+                                           const float * fresh, const float * ring_mask, const int32_t * bases,
+                                           const void * cache, const float * cache_mask, const int32_t * cache_idx,
+                                           float * out);
 /* Block size (elements) and block bytes of a ggml type; 0 for types that do not exist. */
 DSV4_API dsv4_status dsv4_type_size(int32_t type, int64_t * block_size, size_t * block_bytes);
 DSV4_API const char * dsv4_last_error(void);
@@ -222,9 +240,10 @@ DSV4_API void dsv4_model_free(dsv4_model * model);
 DSV4_API dsv4_status dsv4_model_get_hparams(const dsv4_model * model, dsv4_hparams * out);
 DSV4_API dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out);
 DSV4_API dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out);
-/* Bytes a session of n_ctx tokens would hold as persistent state, without allocating it. */
-DSV4_API dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, int32_t cache_type,
-                                            uint64_t * out);
+/* Bytes the persistent state of a session with these parameters would take (all of its slots),
+ * and of one slot (*per_slot, may be NULL), without allocating anything. */
+DSV4_API dsv4_status dsv4_model_state_bytes(const dsv4_model * model, const dsv4_session_params * params,
+                                            uint64_t * out, uint64_t * per_slot);
 
 /* The tokenizer data of the file: token id -> text (UTF-8 of the GGUF string, byte-level BPE
  * alphabet) and llama.cpp token type; merge i -> "a b"; a string metadata value by key.
@@ -237,28 +256,55 @@ DSV4_API dsv4_status dsv4_model_meta_string(const dsv4_model * model, const char
                                             size_t * len);
 
 DSV4_API dsv4_session_params dsv4_session_default_params(void);
-/* A session holds one sequence's state; several sessions may share a model (one thread each). */
+/* A session holds n_seq sequences (slots 0 … n_seq − 1) that share the model's weights; several
+ * sessions may share a model (one thread each). */
 DSV4_API dsv4_status dsv4_session_create(dsv4_model * model, const dsv4_session_params * params,
                                          dsv4_session ** out_session);
 DSV4_API void dsv4_session_free(dsv4_session * session);
-/* Appends n_tokens tokens to the sequence and computes them. logits receives out_rows rows of
- * n_vocab floats: every token's (out_rows == n_tokens), the last token's (1) or none (0, logits
- * may be NULL). On error the session is unchanged when the error is detected before computing
- * (bad token, context overflow, bad argument). */
-DSV4_API dsv4_status dsv4_session_eval(dsv4_session * session, const int32_t * tokens, int64_t n_tokens,
+
+/* One sequence's part of dsv4_session_eval_batch. */
+typedef struct dsv4_seq_batch {
+    int32_t seq;               /* its slot */
+    const int32_t * tokens;    /* appended to the sequence */
+    int64_t n_tokens;
+    float * logits;            /* out_rows rows of n_vocab floats (NULL when out_rows is 0) */
+    int64_t out_rows;          /* n_tokens: every token's logits; 1: the last token's; 0: none */
+} dsv4_seq_batch;
+
+/* Appends each entry's tokens to its sequence and computes them together: every micro-batch
+ * (at most n_ubatch tokens, one-token entries first) carries tokens of several sequences, reads the
+ * weights once for all of them, and each sequence attends to its own state; each sequence's logits
+ * equal those it would get alone. An entry of a sequence at most once. On error the session is
+ * unchanged when the error is detected before computing (bad sequence, bad token, context overflow,
+ * bad argument). */
+DSV4_API dsv4_status dsv4_session_eval_batch(dsv4_session * session, const dsv4_seq_batch * batch, int32_t n_seqs);
+/* dsv4_session_eval_batch with one entry. */
+DSV4_API dsv4_status dsv4_session_eval(dsv4_session * session, int32_t seq, const int32_t * tokens, int64_t n_tokens,
                                        float * logits, int64_t out_rows);
-DSV4_API dsv4_status dsv4_session_reset(dsv4_session * session);
-DSV4_API dsv4_status dsv4_session_n_past(const dsv4_session * session, int64_t * out);
+/* Keeps the first n tokens of sequence seq and forgets the rest: what follows is computed as if the
+ * forgotten tokens had never been seen. Costs nothing when n is within n_rollback tokens of the
+ * furthest the sequence has been since it was last reset, restored or loaded; otherwise it restores
+ * the nearest checkpoint and recomputes the tokens between it and n (from 0 without one). */
+DSV4_API dsv4_status dsv4_session_truncate(dsv4_session * session, int32_t seq, int64_t n);
+/* Makes sequence dst a copy of sequence src (its state, tokens and checkpoints). */
+DSV4_API dsv4_status dsv4_session_copy_seq(dsv4_session * session, int32_t src, int32_t dst);
+/* Forgets sequence seq; seq < 0: every sequence. */
+DSV4_API dsv4_status dsv4_session_reset(dsv4_session * session, int32_t seq);
+DSV4_API dsv4_status dsv4_session_n_past(const dsv4_session * session, int32_t seq, int64_t * out);
 DSV4_API dsv4_status dsv4_session_get_stats(const dsv4_session * session, dsv4_session_stats * out);
-/* The tokens the session holds (n_past of them); *n receives the count. */
-DSV4_API dsv4_status dsv4_session_tokens(const dsv4_session * session, int32_t * out, int64_t capacity, int64_t * n);
-/* Session state save/restore: the whole sequence state (caches, rings, tokens) as a checksummed
- * blob tied to the model and the session's n_ctx and cache type. Loading validates everything
- * before changing anything: a corrupt or foreign blob fails with DSV4_ERR_BAD_STATE. */
-DSV4_API dsv4_status dsv4_session_state_size(const dsv4_session * session, size_t * out);
-DSV4_API dsv4_status dsv4_session_save_state(const dsv4_session * session, void * dst, size_t capacity,
+/* The tokens sequence seq holds (n_past of them); *n receives the count. */
+DSV4_API dsv4_status dsv4_session_tokens(const dsv4_session * session, int32_t seq, int32_t * out, int64_t capacity,
+                                         int64_t * n);
+/* Sequence state save/restore: one sequence's state (the ring rows it needs, the entries of its
+ * completed blocks, its tokens) as a checksummed blob tied to the model and the cache type. The
+ * blob depends only on the sequence, not on how it was computed (alone or batched, rolled back,
+ * copied) nor on the session's slots or n_ctx: it loads into any slot of a session of the same
+ * model and cache type whose n_ctx holds it. Loading validates everything before changing
+ * anything: a corrupt or foreign blob fails with DSV4_ERR_BAD_STATE. */
+DSV4_API dsv4_status dsv4_session_state_size(const dsv4_session * session, int32_t seq, size_t * out);
+DSV4_API dsv4_status dsv4_session_save_state(const dsv4_session * session, int32_t seq, void * dst, size_t capacity,
                                              size_t * written);
-DSV4_API dsv4_status dsv4_session_load_state(dsv4_session * session, const void * src, size_t size);
+DSV4_API dsv4_status dsv4_session_load_state(dsv4_session * session, int32_t seq, const void * src, size_t size);
 
 /* cffi-end */
 

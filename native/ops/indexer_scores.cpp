@@ -26,16 +26,19 @@ float mask_value(const ggml_tensor * m, int64_t j, int64_t t) {
 
 }  // namespace
 
-ggml_tensor * indexer_scores(ggml_context * ctx, ggml_tensor * q, ggml_tensor * keys, ggml_tensor * w, ggml_tensor * mask) {
-    const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2], n = keys->ne[1];
+ggml_tensor * indexer_scores(ggml_context * ctx, ggml_tensor * q, ggml_tensor * keys, ggml_tensor * w, ggml_tensor * mask,
+                             ggml_tensor * base) {
+    const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2], n = mask->ne[0];
     GGML_ASSERT(q->type == GGML_TYPE_F32 && w->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && q->ne[3] == 1);
     GGML_ASSERT(keys->ne[0] == Dh && keys->ne[2] == 1 && keys->ne[3] == 1 && ggml_is_contiguous_rows(keys) &&
                 rows_convertible(keys));
     GGML_ASSERT(w->ne[0] == H && w->ne[1] == T && w->nb[0] == sizeof(float));
-    GGML_ASSERT((mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) && mask->ne[0] == n && mask->ne[1] == T);
-    ggml_tensor * args[] = {q, keys, w, mask};
-    ggml_tensor * out =
-        ggml_custom_4d(ctx, GGML_TYPE_F32, n, T, 1, 1, args, 4, indexer_scores_cpu, GGML_N_TASKS_MAX, nullptr);
+    GGML_ASSERT((mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) && mask->ne[1] == T);
+    GGML_ASSERT(base != nullptr || n <= keys->ne[1]);
+    GGML_ASSERT(base == nullptr || (base->type == GGML_TYPE_I32 && ggml_nelements(base) == T && ggml_is_contiguous(base)));
+    ggml_tensor * args[] = {q, keys, w, mask, base};
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, n, T, 1, 1, args, base != nullptr ? 5 : 4, indexer_scores_cpu,
+                                       GGML_N_TASKS_MAX, nullptr);
     ggml_format_name(out, "indexer_scores");
     return out;
 }
@@ -45,7 +48,8 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * w = dst->src[2];
     const ggml_tensor * m = dst->src[3];
-    const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2], n = k->ne[1];
+    const int32_t * base = dst->src[4] != nullptr ? static_cast<const int32_t *>(dst->src[4]->data) : nullptr;
+    const int64_t Dh = q->ne[0], H = q->ne[1], T = q->ne[2], n = m->ne[0];
     const int64_t Hp = (H + kLanes - 1) / kLanes * kLanes;
     // work items: (query, chunk of kChunk keys), a contiguous range per thread
     const int64_t n_chunks = (n + kChunk - 1) / kChunk;
@@ -74,6 +78,7 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
             t_loaded = t;
         }
         float * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]);
+        const int64_t row0 = base != nullptr ? base[t] : 0;  // the query's first key row
         for (int64_t jb = j0; jb < j1; jb += kKeys) {
             const int64_t nk = std::min(kKeys, j1 - jb);
             float mv[kKeys];
@@ -90,11 +95,12 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
             }
             for (int64_t r = 0; r < kKeys; ++r) {
                 float * dstk = kf.data() + r * Dh;
-                if (r >= nk) {
+                if (r >= nk || mv[r] == -std::numeric_limits<float>::infinity() || row0 + jb + r < 0 ||
+                    row0 + jb + r >= k->ne[1]) {  // hidden, or not a row: its score is −inf below
                     std::fill(dstk, dstk + Dh, 0.0f);
                     continue;
                 }
-                row_to_float(k, jb + r, dstk);  // the key row as floats
+                row_to_float(k, row0 + jb + r, dstk);  // the key row as floats
             }
             float score[kKeys] = {};
             for (int64_t hc = 0; hc < Hp; hc += kLanes) {
@@ -118,7 +124,8 @@ void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void *) {
                 }
             }
             for (int64_t r = 0; r < nk; ++r) {
-                out[jb + r] = score[r] + mv[r];
+                const bool row = row0 + jb + r >= 0 && row0 + jb + r < k->ne[1];
+                out[jb + r] = row ? score[r] + mv[r] : -std::numeric_limits<float>::infinity();
             }
         }
     }

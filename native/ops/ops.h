@@ -67,43 +67,51 @@ void topk_rows_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 
 // Lightning indexer scores (§3.6), the op of ggml_lightning_indexer (which ggml-cuda lacks):
 //
-//   out[j, t] = Σ_h w[h, t]·max(0, q[:, h, t]·k[:, j]) + mask[j, t]
+//   out[j, t] = Σ_h w[h, t]·max(0, q[:, h, t]·k[:, base[t] + j]) + mask[j, t]
 //
-// The CPU implementation broadcasts each key element against 16 heads of the query at once (the
-// heads transposed), 8 keys at a time, and skips keys the mask hides. Work: (query, 64 keys).
+// Each query scores n keys, rows base[t] … base[t] + n − 1 of `keys` (its own sequence's rows in
+// a cache that stacks several sequences; without `base`, rows 0 … n − 1 for every query). The CPU
+// implementation broadcasts each key element against 16 heads of the query at once (the heads
+// transposed), 8 keys at a time, and skips keys the mask hides. Work: (query, 64 keys).
 //
 //   q:    F32 ne{Dh, H, T}      the indexer queries (roped)
-//   keys: ne{Dh, n}             the compressed indexer cache rows (F32, F16, BF16, Q8_0, ...)
+//   keys: ne{Dh, rows}          the compressed indexer cache rows (F32, F16, BF16, Q8_0, ...)
 //   w:    F32 ne{H, T}          per-head weights (prescaled)
 //   mask: F16 or F32 ne{n, T}   0 where key j is visible to query t, −inf elsewhere
+//   base: I32 ne{T} or null     each query's first key row
 //   result: F32 ne{n, T}
-ggml_tensor * indexer_scores(ggml_context * ctx, ggml_tensor * q, ggml_tensor * keys, ggml_tensor * w, ggml_tensor * mask);
+ggml_tensor * indexer_scores(ggml_context * ctx, ggml_tensor * q, ggml_tensor * keys, ggml_tensor * w, ggml_tensor * mask,
+                             ggml_tensor * base = nullptr);
 
 void indexer_scores_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 
-// Attention of one decode query over MQA keys (= values), fused (§3.4.4, §3.4.5): for each head h,
+// Attention of decode queries over MQA keys (= values), fused (§3.4.4, §3.4.5): for each query g
+// (one per sequence) and head h,
 //
-//   out[:, h] = Σ_j e^{s_hj}·k_j / (Σ_j e^{s_hj} + e^{sinks[h]}),   s_hj = scale·q[:, h]·k_j + mask_j
+//   out[:, h, g] = Σ_j e^{s_hj}·k_j / (Σ_j e^{s_hj} + e^{sinks[h]}),   s_hj = scale·q[:, h, g]·k_j + mask_j
 //
-// over the window ring's rows, this token's key and (CSA/HCA layers) the compressed cache's rows:
-// all of its first n rows, or those `cache_idx` picks. Rows are read in place in the cache type and
-// converted once for all heads; keys whose mask is −inf are skipped. Replaces the gathers of the
-// F16 rows as F32, the key and mask concatenations, the mask cast and flash attention, which reads
-// every key once per head. Work: heads, split over the threads. The CUDA twin (a block per head)
+// over the query's window ring rows (rows bases[0, g] … bases[0, g] + n_ring − 1 of `ring`, a
+// tensor that stacks the rings of several sequences), its own key and (CSA/HCA layers) its
+// sequence's compressed entries (rows from bases[cache_col, g]): all of its first n, or those
+// `cache_idx` picks. Rows are read in place in the cache type and converted once for all heads;
+// keys whose mask is −inf are skipped. Replaces the gathers of the F16 rows as F32, the key and
+// mask concatenations, the mask cast and flash attention, which reads every key once per head.
+// Work: (query, head) pairs, split over the threads. The CUDA twin (a block per query and head)
 // is tested alone; CUDA decode steps keep ggml's flash attention until it is measured on a GPU.
 //
-//   q:          F32 ne{Dh, H, 1}    the query (roped)
+//   q:          F32 ne{Dh, H, G}    the queries (roped)
 //   sinks:      F32 ne{H}           per-head sink logits
-//   ring:       ne{Dh, W}           the window ring (F32, F16, BF16, Q8_0, ...)
-//   fresh:      F32 ne{Dh, 1}       this token's key
-//   ring_mask:  F32 W + 1 values    the ring rows', then this token's
+//   ring:       ne{Dh, rows}        the window rings (F32, F16, BF16, Q8_0, ...)
+//   fresh:      F32 ne{Dh, G}       each query's own key
+//   ring_mask:  F32 ne{n_ring + 1, G}  its ring rows', then its own key's
+//   bases:      I32 ne{B, G}        its first ring row (column 0) and first cache row (column cache_col)
 //   cache:      ne{Dh, C} or null   compressed entries
-//   cache_mask: F32 n values        n = the length of cache_idx, or C without it
-//   cache_idx:  I32 ne{n} or null   the picked rows of cache (CSA decode)
-//   result:     F32 ne{Dh, H, 1}
+//   cache_mask: F32 ne{n, G}        n = picks per query (with cache_idx), else visible-row width
+//   cache_idx:  I32 ne{n, G} or null  the picked rows, counted from its first cache row (CSA decode)
+//   result:     F32 ne{Dh, H, G}
 ggml_tensor * attend_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * sinks, float scale, ggml_tensor * ring,
-                            ggml_tensor * fresh, ggml_tensor * ring_mask, ggml_tensor * cache, ggml_tensor * cache_mask,
-                            ggml_tensor * cache_idx);
+                            ggml_tensor * fresh, ggml_tensor * ring_mask, ggml_tensor * bases, int cache_col,
+                            ggml_tensor * cache, ggml_tensor * cache_mask, ggml_tensor * cache_idx);
 
 void attend_decode_cpu(ggml_tensor * dst, int ith, int nth, void * userdata);
 

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <vector>
 
 #ifndef DSV4_VERSION
 #define DSV4_VERSION "unknown"
@@ -182,14 +183,13 @@ dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4
     });
 }
 
-dsv4_status dsv4_model_state_bytes(const dsv4_model * model, int32_t n_ctx, int32_t cache_type, uint64_t * out) {
+dsv4_status dsv4_model_state_bytes(const dsv4_model * model, const dsv4_session_params * params, uint64_t * out,
+                                   uint64_t * per_slot) {
     return guarded([&] {
         require(model, "model");
+        require(params, "params");
         require(out, "out");
-        if (n_ctx < 1) {
-            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "n_ctx must be at least 1, got %d", int(n_ctx));
-        }
-        *out = dsv4::state_bytes(model->hp, n_ctx, cache_type);
+        *out = dsv4::state_bytes(model->hp, *params, per_slot);
     });
 }
 
@@ -255,6 +255,10 @@ dsv4_session_params dsv4_session_default_params(void) {
     p.n_threads = 0;
     p.cache_type = GGML_TYPE_F16;
     p.flash_attn = true;
+    p.n_seq = 1;
+    p.n_rollback = 32;
+    p.checkpoint_interval = 1024;
+    p.n_checkpoints = 8;
     return p;
 }
 
@@ -272,7 +276,19 @@ void dsv4_session_free(dsv4_session * session) {
     delete session;
 }
 
-dsv4_status dsv4_session_eval(dsv4_session * session, const int32_t * tokens, int64_t n_tokens, float * logits,
+dsv4_status dsv4_session_eval_batch(dsv4_session * session, const dsv4_seq_batch * batch, int32_t n_seqs) {
+    return guarded([&] {
+        require(session, "session");
+        require(batch, "batch");
+        std::vector<dsv4::SeqRequest> req;
+        for (int32_t i = 0; i < n_seqs; ++i) {
+            req.push_back({batch[i].seq, batch[i].tokens, batch[i].n_tokens, batch[i].logits, batch[i].out_rows});
+        }
+        dsv4::session_eval_batch(*session, req.data(), int64_t(req.size()));
+    });
+}
+
+dsv4_status dsv4_session_eval(dsv4_session * session, int32_t seq, const int32_t * tokens, int64_t n_tokens, float * logits,
                               int64_t out_rows) {
     return guarded([&] {
         require(session, "session");
@@ -280,22 +296,37 @@ dsv4_status dsv4_session_eval(dsv4_session * session, const int32_t * tokens, in
         if (out_rows > 0) {
             require(logits, "logits");
         }
-        dsv4::session_eval(*session, tokens, n_tokens, logits, out_rows);
+        const dsv4::SeqRequest req{seq, tokens, n_tokens, logits, out_rows};
+        dsv4::session_eval_batch(*session, &req, 1);
     });
 }
 
-dsv4_status dsv4_session_reset(dsv4_session * session) {
+dsv4_status dsv4_session_truncate(dsv4_session * session, int32_t seq, int64_t n) {
     return guarded([&] {
         require(session, "session");
-        dsv4::session_reset(*session);
+        dsv4::session_truncate(*session, seq, n);
     });
 }
 
-dsv4_status dsv4_session_n_past(const dsv4_session * session, int64_t * out) {
+dsv4_status dsv4_session_copy_seq(dsv4_session * session, int32_t src, int32_t dst) {
+    return guarded([&] {
+        require(session, "session");
+        dsv4::session_copy_seq(*session, src, dst);
+    });
+}
+
+dsv4_status dsv4_session_reset(dsv4_session * session, int32_t seq) {
+    return guarded([&] {
+        require(session, "session");
+        dsv4::session_reset(*session, seq);
+    });
+}
+
+dsv4_status dsv4_session_n_past(const dsv4_session * session, int32_t seq, int64_t * out) {
     return guarded([&] {
         require(session, "session");
         require(out, "out");
-        *out = session->n_past;
+        *out = dsv4::session_slot(*session, seq).n_past;
     });
 }
 
@@ -307,43 +338,45 @@ dsv4_status dsv4_session_get_stats(const dsv4_session * session, dsv4_session_st
     });
 }
 
-dsv4_status dsv4_session_tokens(const dsv4_session * session, int32_t * out, int64_t capacity, int64_t * n) {
+dsv4_status dsv4_session_tokens(const dsv4_session * session, int32_t seq, int32_t * out, int64_t capacity, int64_t * n) {
     return guarded([&] {
         require(session, "session");
         require(n, "n");
-        *n = int64_t(session->tokens.size());
+        const dsv4::SeqSlot & sl = dsv4::session_slot(*session, seq);
+        *n = int64_t(sl.tokens.size());
         if (out != nullptr) {
             if (capacity < *n) {
                 dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "capacity %lld is smaller than the %lld tokens", (long long) capacity,
                            (long long) *n);
             }
-            std::copy(session->tokens.begin(), session->tokens.end(), out);
+            std::copy(sl.tokens.begin(), sl.tokens.end(), out);
         }
     });
 }
 
-dsv4_status dsv4_session_state_size(const dsv4_session * session, size_t * out) {
+dsv4_status dsv4_session_state_size(const dsv4_session * session, int32_t seq, size_t * out) {
     return guarded([&] {
         require(session, "session");
         require(out, "out");
-        *out = dsv4::session_state_size(*session);
+        *out = dsv4::session_state_size(*session, seq);
     });
 }
 
-dsv4_status dsv4_session_save_state(const dsv4_session * session, void * dst, size_t capacity, size_t * written) {
+dsv4_status dsv4_session_save_state(const dsv4_session * session, int32_t seq, void * dst, size_t capacity,
+                                    size_t * written) {
     return guarded([&] {
         require(session, "session");
         require(dst, "dst");
         require(written, "written");
-        *written = dsv4::session_save_state(*session, static_cast<uint8_t *>(dst), capacity);
+        *written = dsv4::session_save_state(*session, seq, static_cast<uint8_t *>(dst), capacity);
     });
 }
 
-dsv4_status dsv4_session_load_state(dsv4_session * session, const void * src, size_t size) {
+dsv4_status dsv4_session_load_state(dsv4_session * session, int32_t seq, const void * src, size_t size) {
     return guarded([&] {
         require(session, "session");
         require(src, "src");
-        dsv4::session_load_state(*session, static_cast<const uint8_t *>(src), size);
+        dsv4::session_load_state(*session, seq, static_cast<const uint8_t *>(src), size);
     });
 }
 

@@ -123,60 +123,75 @@ dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int
 }
 
 dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head, int64_t n_tokens,
-                                   int64_t n_keys, int32_t key_type, const float * q, const void * keys,
-                                   const float * weights, const float * mask, float * out) {
+                                   int64_t n_keys, int64_t n_rows, int32_t key_type, const float * q, const void * keys,
+                                   const float * weights, const float * mask, const int32_t * base, float * out) {
     return dsv4::guarded([&] {
         for (const void * p : {(const void *) q, keys, (const void *) weights, (const void *) mask, (const void *) out}) {
-            dsv4::require(p, "indexer_scores: every buffer");
+            dsv4::require(p, "indexer_scores: every buffer but base");
         }
-        if (head_dim < 1 || n_head < 1 || n_tokens < 1 || n_keys < 1) {
-            fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: bad shape (head_dim %lld, heads %lld, tokens %lld, keys %lld)",
-                 (long long) head_dim, (long long) n_head, (long long) n_tokens, (long long) n_keys);
+        if (head_dim < 1 || n_head < 1 || n_tokens < 1 || n_keys < 1 || n_rows < 1 || (base == nullptr && n_rows < n_keys)) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "indexer_scores: bad shape (head_dim %lld, heads %lld, tokens %lld, keys %lld, "
+                 "rows %lld)", (long long) head_dim, (long long) n_head, (long long) n_tokens, (long long) n_keys,
+                 (long long) n_rows);
         }
         const ggml_type kt = key_row_type("indexer_scores", key_type, head_dim);
-        run_op("indexer_scores", backend, n_threads,
-               {{GGML_TYPE_F32, head_dim, n_head, q, n_tokens}, {kt, head_dim, n_keys, keys},
-                {GGML_TYPE_F32, n_head, n_tokens, weights}, {GGML_TYPE_F32, n_keys, n_tokens, mask}},
+        std::vector<Input> in = {{GGML_TYPE_F32, head_dim, n_head, q, n_tokens}, {kt, head_dim, n_rows, keys},
+                                 {GGML_TYPE_F32, n_head, n_tokens, weights}, {GGML_TYPE_F32, n_keys, n_tokens, mask}};
+        if (base != nullptr) {
+            in.push_back({GGML_TYPE_I32, n_tokens, 1, base});
+        }
+        run_op("indexer_scores", backend, n_threads, in,
                [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
-                   return dsv4::ops::indexer_scores(ctx, t[0], t[1], t[2], t[3]);
+                   return dsv4::ops::indexer_scores(ctx, t[0], t[1], t[2], t[3], base != nullptr ? t[4] : nullptr);
                },
                out);
     });
 }
 
-dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head, int64_t n_ring,
-                                  int64_t n_cache, int64_t n_picked, int32_t key_type, float scale, const float * q,
-                                  const float * sinks, const void * ring, const float * fresh, const float * ring_mask,
+dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head, int64_t n_queries,
+                                  int64_t n_ring, int64_t n_ring_rows, int64_t n_cache, int64_t n_cache_rows,
+                                  int64_t n_picked, int32_t key_type, float scale, const float * q, const float * sinks,
+                                  const void * ring, const float * fresh, const float * ring_mask, const int32_t * bases,
                                   const void * cache, const float * cache_mask, const int32_t * cache_idx, float * out) {
     return dsv4::guarded([&] {
         for (const void * p : {(const void *) q, (const void *) sinks, ring, (const void *) fresh, (const void *) ring_mask,
                                (const void *) out}) {
             dsv4::require(p, "attend_decode: q, sinks, ring, fresh, ring_mask and out");
         }
-        if (head_dim < 1 || n_head < 1 || n_ring < 1 || n_cache < 0 || n_picked < 0) {
-            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: bad shape (head_dim %lld, heads %lld, ring %lld, cache %lld, "
-                 "picked %lld)", (long long) head_dim, (long long) n_head, (long long) n_ring, (long long) n_cache,
-                 (long long) n_picked);
+        if (head_dim < 1 || n_head < 1 || n_queries < 1 || n_ring < 1 || n_ring_rows < 1 || n_cache < 0 ||
+            n_cache_rows < 0 || n_picked < 0 || (bases == nullptr && (n_ring > n_ring_rows || n_cache > n_cache_rows))) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: bad shape (head_dim %lld, heads %lld, queries %lld, ring %lld of "
+                 "%lld rows, cache %lld of %lld rows, picked %lld)", (long long) head_dim, (long long) n_head,
+                 (long long) n_queries, (long long) n_ring, (long long) n_ring_rows, (long long) n_cache,
+                 (long long) n_cache_rows, (long long) n_picked);
         }
-        if (n_cache > 0 && (cache == nullptr || cache_mask == nullptr || (n_picked > 0) != (cache_idx != nullptr))) {
+        const bool has_cache = n_cache_rows > 0;
+        if (has_cache && (cache == nullptr || cache_mask == nullptr || (n_picked > 0) != (cache_idx != nullptr) ||
+                          (n_picked == 0 && n_cache < 1))) {
             fail(DSV4_ERR_INVALID_ARGUMENT, "attend_decode: a cache needs its rows and mask, and cache_idx exactly when "
                  "n_picked > 0");
         }
         const ggml_type kt = key_row_type("attend_decode", key_type, head_dim);
-        std::vector<Input> in = {{GGML_TYPE_F32, head_dim, n_head, q},  {GGML_TYPE_F32, n_head, 1, sinks},
-                                 {kt, head_dim, n_ring, ring},          {GGML_TYPE_F32, head_dim, 1, fresh},
-                                 {GGML_TYPE_F32, n_ring + 1, 1, ring_mask}};
-        if (n_cache > 0) {
-            in.push_back({kt, head_dim, n_cache, cache});
-            in.push_back({GGML_TYPE_F32, n_picked > 0 ? n_picked : n_cache, 1, cache_mask});
+        std::vector<int32_t> zero_bases;
+        if (bases == nullptr) {
+            zero_bases.assign(size_t(2 * n_queries), 0);
+            bases = zero_bases.data();
+        }
+        std::vector<Input> in = {{GGML_TYPE_F32, head_dim, n_head, q, n_queries}, {GGML_TYPE_F32, n_head, 1, sinks},
+                                 {kt, head_dim, n_ring_rows, ring},              {GGML_TYPE_F32, head_dim, n_queries, fresh},
+                                 {GGML_TYPE_F32, n_ring + 1, n_queries, ring_mask}, {GGML_TYPE_I32, 2, n_queries, bases}};
+        if (has_cache) {
+            in.push_back({kt, head_dim, n_cache_rows, cache});
+            in.push_back({GGML_TYPE_F32, n_picked > 0 ? n_picked : n_cache, n_queries, cache_mask});
             if (n_picked > 0) {
-                in.push_back({GGML_TYPE_I32, n_picked, 1, cache_idx});
+                in.push_back({GGML_TYPE_I32, n_picked, n_queries, cache_idx});
             }
         }
         run_op("attend_decode", backend, n_threads, in,
                [&](ggml_context * ctx, const std::vector<ggml_tensor *> & t) {
-                   return dsv4::ops::attend_decode(ctx, t[0], t[1], scale, t[2], t[3], t[4], n_cache > 0 ? t[5] : nullptr,
-                                                   n_cache > 0 ? t[6] : nullptr, n_picked > 0 ? t[7] : nullptr);
+                   return dsv4::ops::attend_decode(ctx, t[0], t[1], scale, t[2], t[3], t[4], t[5], 1,
+                                                   has_cache ? t[6] : nullptr, has_cache ? t[7] : nullptr,
+                                                   n_picked > 0 ? t[8] : nullptr);
                },
                out);
     });

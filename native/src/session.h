@@ -1,6 +1,11 @@
-// A decoding session: the per-sequence state of one model (window rings, compressor states,
-// compressed caches), the backend that computes, and the graph of the current micro-batch,
-// reused between decode steps while its shape does not change.
+// A session: the state of up to n_seq sequences of one model (window rings, compressor states,
+// compressed caches; one slot each), the backend that computes, and the graphs of recent
+// micro-batches, reused between steps while their shape does not change.
+//
+// Every micro-batch may carry tokens of several sequences: the weights are read once for all of
+// them, each sequence attends to its own state (step.h). A sequence can be rolled back
+// (truncate) and copied into another slot (copy_seq); both leave it exactly as if it had been
+// computed alone (tests/test_sequences.py).
 #pragma once
 
 #include "dsv4.h"
@@ -30,6 +35,33 @@ struct CachedGraph {
     uint64_t last_use = 0;
 };
 
+// The ring rows a sequence needs to go on from position `pos` (its window's last n_swa − 1 tokens,
+// the compressors' previous and current blocks), copied out: what a checkpoint keeps.
+struct Checkpoint {
+    int64_t pos = 0;
+    bool prompt = false;  // taken at the end of a multi-token request (kept longer than the others)
+    std::vector<uint8_t> rings;
+};
+
+// One sequence slot.
+struct SeqSlot {
+    int64_t n_past = 0;
+    std::vector<int32_t> tokens;   // the sequence held (n_past tokens)
+    // The rings hold this sequence's rows of every position from these on (up to n_past): older
+    // rows were overwritten by later tokens (possibly tokens since rolled back).
+    int64_t lo_window = 0, lo4 = 0, lo128 = 0;
+    std::vector<Checkpoint> checkpoints;  // oldest first, positions ascending
+};
+
+// One sequence's part of an eval_batch call.
+struct SeqRequest {
+    int32_t seq;
+    const int32_t * tokens;
+    int64_t n_tokens;
+    float * logits;     // out_rows × n_vocab
+    int64_t out_rows;   // 0, 1 (the last token's) or n_tokens
+};
+
 }  // namespace dsv4
 
 struct dsv4_session {
@@ -40,15 +72,12 @@ struct dsv4_session {
     ggml_backend_ptr backend;  // the backend of the state and of most ops (CPU or CUDA)
     ggml_backend_ptr cpu;      // CUDA sessions: the CPU, for weights kept in host memory
 
-    // persistent state (§4.1)
+    // persistent state (§4.1), every slot's rows stacked in each tensor
     ggml_context_ptr ctx_state;
     ggml_backend_buffer_ptr buf_state;
     std::vector<dsv4::LayerState> layers;
-    int64_t n_rows4 = 0;    // rows of each ratio-4 cache (blocks of n_ctx, plus one dummy row)
-    int64_t n_rows128 = 0;
-    bool has4 = false, has128 = false;
-    int64_t n_past = 0;
-    std::vector<int32_t> tokens;  // the sequence held (n_past tokens)
+    dsv4::Geometry geo;
+    std::vector<dsv4::SeqSlot> slots;
 
     // the plan of the current micro-batch (every cached graph's Step reads its inputs from it)
     // and the graphs built so far, most recently used last
@@ -58,6 +87,8 @@ struct dsv4_session {
     uint64_t use_clock = 0;
     int64_t n_graph_builds = 0;
     int64_t n_ubatches = 0;
+    int64_t n_restores = 0;     // truncations that restored a checkpoint (or re-evaluated from 0)
+    int64_t n_reevaluated = 0;  // tokens those re-evaluated
     std::shared_ptr<dsv4::OpProfile> profile;  // DSV4_PROFILE=1
 
     ~dsv4_session();
@@ -67,19 +98,29 @@ namespace dsv4 {
 
 std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_session_params & params);
 
-// Bytes of a session's persistent state for n_ctx tokens (what create_session allocates).
-uint64_t state_bytes(const dsv4_hparams & hp, int64_t n_ctx, int32_t cache_type);
+// Bytes of the persistent state of n_seq sequence slots of n_ctx tokens (what create_session
+// allocates), and of one slot (*per_slot).
+uint64_t state_bytes(const dsv4_hparams & hp, const dsv4_session_params & params, uint64_t * per_slot = nullptr);
 
-// Runs `n` tokens (in micro-batches of params.n_ubatch) and writes logits: all rows
-// (out_rows == n) or only the last (out_rows == 1) or none (out_rows == 0).
-void session_eval(dsv4_session & s, const int32_t * tokens, int64_t n, float * logits, int64_t out_rows);
+// Runs every request's tokens (the sequences together, in micro-batches of at most
+// params.n_ubatch tokens) and writes the logits each asks for.
+void session_eval_batch(dsv4_session & s, const SeqRequest * requests, int64_t n_requests);
 
-void session_reset(dsv4_session & s);
+// Keeps the first n tokens of sequence `seq` (see dsv4_session_truncate).
+void session_truncate(dsv4_session & s, int32_t seq, int64_t n);
+
+// Makes slot dst a copy of slot src.
+void session_copy_seq(dsv4_session & s, int32_t src, int32_t dst);
+
+// Forgets sequence `seq` (every sequence when seq < 0).
+void session_reset(dsv4_session & s, int32_t seq);
+
+const SeqSlot & session_slot(const dsv4_session & s, int32_t seq);
 
 dsv4_session_stats session_stats(const dsv4_session & s);
 
-size_t session_state_size(const dsv4_session & s);
-size_t session_save_state(const dsv4_session & s, uint8_t * dst, size_t capacity);
-void session_load_state(dsv4_session & s, const uint8_t * src, size_t size);
+size_t session_state_size(const dsv4_session & s, int32_t seq);
+size_t session_save_state(const dsv4_session & s, int32_t seq, uint8_t * dst, size_t capacity);
+void session_load_state(dsv4_session & s, int32_t seq, const uint8_t * src, size_t size);
 
 }  // namespace dsv4
