@@ -196,24 +196,30 @@ def test_bad_tokens_raise_and_leave_the_state(tiny_model, bad):
     assert m.n_past == 3
 
 
-def test_state_memory_is_sized_from_n_ctx_and_the_ratios(tiny_model):
-    """Per layer: a window ring; ratio 4: compressor rings + n_ctx/4 (+1) entries of 256 and of
-    128 floats; ratio 128: a 128-row ring + n_ctx/128 (+1) entries. No n_ctx × full KV."""
-    def expected(n_ctx: int) -> int:
+def test_state_memory_is_sized_from_n_ctx_the_ratios_and_the_slots(tiny_model):
+    """Per layer and sequence slot: a window ring of n_swa + R rows (R = n_rollback: what a
+    sequence can be rolled back by without recomputing); ratio 4: compressor rings of 8 + R rows
+    (values and logits) + n_ctx/4 (+1) entries of 256 and of 128 floats; ratio 128: a ring of
+    128 + R rows + n_ctx/128 (+1) entries. Each compressor ring tensor has one more row (value 0,
+    logit -inf, read for positions before 0). No n_ctx × full KV."""
+    def expected(n_ctx: int, n_seq: int = 1, R: int = 32) -> int:
         D, W, Di = 256, 32, 128
         total = 0
         for r in (0, 4, 128, 0, 4, 128):
-            total += D * W
+            total += n_seq * D * (W + R)
             if r == 4:
-                total += 2 * (8 * 2 * D) + (n_ctx // 4 + 1) * D
-                total += 2 * (8 * 2 * Di) + (n_ctx // 4 + 1) * Di
+                total += 2 * (n_seq * (8 + R) + 1) * 2 * D + n_seq * (n_ctx // 4 + 1) * D
+                total += 2 * (n_seq * (8 + R) + 1) * 2 * Di + n_seq * (n_ctx // 4 + 1) * Di
             if r == 128:
-                total += 2 * (128 * D) + (n_ctx // 128 + 1) * D
+                total += 2 * (n_seq * (128 + R) + 1) * D + n_seq * (n_ctx // 128 + 1) * D
         return 4 * total
 
-    for n_ctx in (512, 4096):
-        m = engine(tiny_model, n_ctx=n_ctx)
-        assert abs(m.state_bytes - expected(n_ctx)) <= 6 * 512, (m.state_bytes, expected(n_ctx))
+    for n_ctx, n_seq, R in ((512, 1, 32), (4096, 1, 32), (512, 3, 32), (512, 1, 0), (1024, 4, 100)):
+        m = engine(tiny_model, n_ctx=n_ctx, n_seq=n_seq, n_rollback=R)
+        assert abs(m.state_bytes - expected(n_ctx, n_seq, R)) <= 6 * 512, (m.state_bytes, expected(n_ctx, n_seq, R))
+        assert m.state_bytes == m.estimate_state_bytes(n_ctx, n_seq=n_seq)
+        per_slot = m.stats()["slot_state_bytes"]
+        assert abs(per_slot - (expected(n_ctx, 2, R) - expected(n_ctx, 1, R))) <= 6 * 512
     growth = (engine(tiny_model, n_ctx=4096).state_bytes
               - engine(tiny_model, n_ctx=512).state_bytes) / (4096 - 512)
     # 2 CSA layers × (256 + 128) / 4 + 2 HCA layers × 256 / 128 floats per token = 196 floats

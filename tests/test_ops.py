@@ -157,19 +157,21 @@ KEY_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}
 BAD_KEY_TYPES = {"q4_0": 2}
 
 
-def indexer_scores(backend, q, keys, weights, mask, key_type="f32", n_threads=2):
-    """q [T, H, Dh], keys [n, Dh] (floats, stored as key_type; uint8: the stored bytes), weights [T, H],
-    mask [T, n] -> [T, n]."""
+def indexer_scores(backend, q, keys, weights, mask, key_type="f32", n_threads=2, base=None):
+    """q [T, H, Dh], keys [rows, Dh] (floats, stored as key_type; uint8: the stored bytes), weights
+    [T, H], mask [T, n], base [T] (each query's first key row) or None -> [T, n]."""
     ffi, lib = _native.load()
     T, H, Dh = q.shape
-    n = keys.shape[0]
+    n = mask.shape[1]
     stored = np.ascontiguousarray(keys) if keys.dtype == np.uint8 else quantize_keys(keys, key_type)
     q, weights, mask = (np.ascontiguousarray(a, np.float32) for a in (q, weights, mask))
+    base = None if base is None else np.ascontiguousarray(base, np.int32)
     out = np.empty((T, n), np.float32)
-    ptr = lambda a, t="float *": ffi.cast(t, a.ctypes.data)  # noqa: E731
+    ptr = lambda a, t="float *": ffi.NULL if a is None else ffi.cast(t, a.ctypes.data)  # noqa: E731
     type_id = KEY_TYPES.get(key_type, BAD_KEY_TYPES.get(key_type))
-    _native.check(lib.dsv4_op_indexer_scores(BACKENDS[backend], n_threads, Dh, H, T, n, type_id, ptr(q),
-                                             ptr(stored, "void *"), ptr(weights), ptr(mask), ptr(out)))
+    _native.check(lib.dsv4_op_indexer_scores(BACKENDS[backend], n_threads, Dh, H, T, n, keys.shape[0], type_id,
+                                             ptr(q), ptr(stored, "void *"), ptr(weights), ptr(mask),
+                                             ptr(base, "int32_t *"), ptr(out)))
     return out
 
 
@@ -221,6 +223,35 @@ def test_indexer_scores_match_the_reference(backend, case, key_type, n_threads):
     assert err < 1e-5
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("key_type", ["f32", "f16"])
+def test_indexer_scores_read_each_querys_own_rows(backend, key_type):
+    """Several sequences' caches stacked in one tensor (a batch across sequences): each query scores
+    the rows from its own base; rows past the tensor's end score -inf."""
+    from dsv4_ggml.reference.indexer import indexer_scores as reference_scores
+    Dh, H, n, slots, rows_per_slot = 128, 16, 70, 3, 80
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((slots * rows_per_slot, Dh)).astype(np.float32)
+    base = np.array([2 * rows_per_slot, 0, rows_per_slot, 2 * rows_per_slot + 40])   # the last runs past the end
+    T = len(base)
+    q = rng.standard_normal((T, H, Dh)).astype(np.float32)
+    weights = (rng.standard_normal((T, H)) / np.sqrt(Dh * H)).astype(np.float32)
+    nvis = np.array([70, 5, 33, 70])
+    mask = np.where(np.arange(n)[None, :] < nvis[:, None], 0.0, -np.inf).astype(np.float32)
+    got = indexer_scores(backend, q, keys, weights, mask, key_type, base=base)
+    stored = stored_keys(keys, key_type)
+    for t in range(T):
+        rows = base[t] + np.arange(n)
+        inside = rows < len(keys)
+        want = np.full(n, -np.inf)
+        want[inside] = reference_scores(q[t:t + 1].astype(np.float64), weights[t:t + 1].astype(np.float64),
+                                        stored[rows[inside]])[0]
+        want += mask[t]
+        vis = np.isfinite(want)
+        assert np.array_equal(np.isfinite(got[t]), vis), t
+        assert np.abs(got[t][vis] - want[vis]).max() / np.abs(want[vis]).max() < 1e-5
+
+
 def test_indexer_scores_reject_bad_arguments():
     z = np.zeros((1, 1, 8), np.float32)
     with pytest.raises(InvalidArgumentError, match="not a multiple"):
@@ -230,24 +261,35 @@ def test_indexer_scores_reject_bad_arguments():
 
 
 def attend_decode(backend, q, sinks, scale, ring, fresh, ring_mask, cache=None, cache_mask=None, cache_idx=None,
-                  key_type="f32", n_threads=2):
-    """q [H, Dh], sinks [H], ring [W, Dh] and cache [C, Dh] (floats, stored as key_type), fresh [Dh],
-    ring_mask [W + 1], cache_mask [n], cache_idx [n] or None -> [H, Dh]."""
+                  key_type="f32", n_threads=2, bases=None, n_ring=None):
+    """One query: q [H, Dh], fresh [Dh], ring_mask [n_ring + 1], cache_mask [n], cache_idx [n] -> [H, Dh].
+    G queries: q [G, H, Dh], fresh [G, Dh], ring_mask [G, n_ring + 1], cache_mask / cache_idx [G, n],
+    bases [G, 2] (first ring row, first cache row) -> [G, H, Dh]. sinks [H]; ring [rows, Dh] and
+    cache [C, Dh] are floats, stored as key_type."""
     ffi, lib = _native.load()
-    H, Dh = q.shape
+    single = q.ndim == 2
+    if single:
+        q, fresh, ring_mask = q[None], fresh[None], ring_mask[None]
+        cache_mask = None if cache_mask is None else cache_mask[None]
+        cache_idx = None if cache_idx is None else cache_idx[None]
+    G, H, Dh = q.shape
     f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
     q, sinks, fresh, ring_mask = f32(q), f32(sinks), f32(fresh), f32(ring_mask)
     ring_b = quantize_keys(ring, key_type)
     cache_b = quantize_keys(cache, key_type) if cache is not None else None
     cache_mask = f32(cache_mask) if cache_mask is not None else None
     idx = np.ascontiguousarray(cache_idx, np.int32) if cache_idx is not None else None
-    out = np.empty((H, Dh), np.float32)
+    bases = None if bases is None else np.ascontiguousarray(bases, np.int32)
+    n_ring = ring.shape[0] if n_ring is None else n_ring
+    out = np.empty((G, H, Dh), np.float32)
     ptr = lambda a, t="float *": ffi.NULL if a is None else ffi.cast(t, a.ctypes.data)  # noqa: E731
+    n_cache = 0 if cache is None else (cache.shape[0] if cache_mask is None else cache_mask.shape[1])
     _native.check(lib.dsv4_op_attend_decode(
-        BACKENDS[backend], n_threads, Dh, H, ring.shape[0], 0 if cache is None else cache.shape[0],
-        0 if idx is None else len(idx), KEY_TYPES[key_type], scale, ptr(q), ptr(sinks), ptr(ring_b, "void *"),
-        ptr(fresh), ptr(ring_mask), ptr(cache_b, "void *"), ptr(cache_mask), ptr(idx, "int32_t *"), ptr(out)))
-    return out
+        BACKENDS[backend], n_threads, Dh, H, G, n_ring, ring.shape[0], n_cache,
+        0 if cache is None else cache.shape[0], 0 if idx is None else idx.shape[1], KEY_TYPES[key_type], scale,
+        ptr(q), ptr(sinks), ptr(ring_b, "void *"), ptr(fresh), ptr(ring_mask), ptr(bases, "int32_t *"),
+        ptr(cache_b, "void *"), ptr(cache_mask), ptr(idx, "int32_t *"), ptr(out)))
+    return out[0] if single else out
 
 
 ATTEND_CASES = [  # (head_dim, heads, window, cache rows, picked rows (0: all), visible window rows)
@@ -295,6 +337,49 @@ def test_attend_decode_matches_the_reference(backend, case, key_type, n_threads)
     assert err < 1e-5
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("picked", [False, True], ids=["all-rows", "picked-rows"])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_attend_decode_attends_each_query_to_its_own_sequence(backend, picked, n_threads):
+    """A decode step of several sequences at once: the rings and caches of 3 slots stacked in one
+    tensor each; every query reads its own slot's rows (from its bases) and no other."""
+    from dsv4_ggml.reference.attention import sparse_attention
+    Dh, H, W, slots, C = 64, 5, 12, 3, 40
+    rng = np.random.default_rng(11 + picked)
+    ring = rng.standard_normal((slots * W, Dh)).astype(np.float32)
+    cache = rng.standard_normal((slots * C, Dh)).astype(np.float32)
+    seq = np.array([2, 0, 1, 2])             # the queries' slots (two queries of slot 2)
+    G = len(seq)
+    q = rng.standard_normal((G, H, Dh)).astype(np.float32) * 3
+    fresh = rng.standard_normal((G, Dh)).astype(np.float32)
+    sinks = rng.standard_normal(H).astype(np.float32)
+    nvis_ring = np.array([12, 3, 7, 9])
+    ring_mask = np.concatenate([np.where(np.arange(W)[None, :] < nvis_ring[:, None], 0.0, -np.inf),
+                                np.zeros((G, 1))], axis=1)
+    bases = np.stack([seq * W, seq * C], axis=1)
+    if picked:
+        k = 6
+        idx = np.stack([rng.choice(C, k, replace=False) for _ in range(G)])
+        idx[1, -1] = -1                      # an invalid pick is never attended
+        cache_mask = np.zeros((G, k), np.float32)
+        cache_mask[2, :2] = -np.inf          # hidden picks
+        rows = [[bases[g, 1] + i for i, mv in zip(idx[g], cache_mask[g]) if i >= 0 and mv == 0] for g in range(G)]
+    else:
+        idx = None
+        nvis = np.array([40, 1, 17, 25])
+        cache_mask = np.where(np.arange(C)[None, :] < nvis[:, None], 0.0, -np.inf).astype(np.float32)
+        rows = [list(bases[g, 1] + np.arange(nvis[g])) for g in range(G)]
+    scale = 1.0 / np.sqrt(Dh)
+    got = attend_decode(backend, q, sinks, scale, ring, fresh, ring_mask, cache, cache_mask, idx,
+                        n_threads=n_threads, bases=bases, n_ring=W)
+    for g in range(G):
+        keys = np.concatenate([ring[bases[g, 0]:bases[g, 0] + nvis_ring[g]], fresh[g:g + 1], cache[rows[g]]])
+        want = sparse_attention(q[g].astype(np.float64)[None], keys.astype(np.float64)[None],
+                                np.ones((1, len(keys)), bool), sinks.astype(np.float64), scale)[0]
+        err = np.abs(got[g] - want).max() / np.abs(want).max()
+        assert err < 1e-5, (g, err)
+
+
 def test_attend_decode_rejects_bad_arguments():
     z = np.zeros((2, 8), np.float32)
     with pytest.raises(InvalidArgumentError, match="bad shape"):      # an empty window ring
@@ -303,4 +388,5 @@ def test_attend_decode_rejects_bad_arguments():
     buf = np.zeros(64, np.float32)
     p = ffi.cast("float *", buf.ctypes.data)
     with pytest.raises(InvalidArgumentError, match="cache_idx"):      # picked rows but no indices
-        _native.check(lib.dsv4_op_attend_decode(0, 1, 8, 2, 4, 3, 2, 0, 1.0, p, p, p, p, p, p, p, ffi.NULL, p))
+        _native.check(lib.dsv4_op_attend_decode(0, 1, 8, 2, 1, 4, 4, 3, 3, 2, 0, 1.0, p, p, p, p, p, ffi.NULL, p, p,
+                                                ffi.NULL, p))

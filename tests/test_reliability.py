@@ -101,8 +101,13 @@ def test_a_corrupt_or_foreign_state_is_rejected_and_changes_nothing(tiny_model, 
     write_tiny_model(other, seed=1)
     with pytest.raises(errors.StateError, match="another model"):
         dsv4_ggml.Model(other, n_ctx=256).load_state(blob)
-    with pytest.raises(errors.StateError, match="n_ctx"):
-        dsv4_ggml.Model(tiny_model, n_ctx=512).load_state(blob)
+    with pytest.raises(errors.StateError, match="n_ctx"):        # 50 tokens do not fit
+        dsv4_ggml.Model(tiny_model, n_ctx=48).load_state(blob)
+    # the blob holds one sequence, whatever the session it came from: another n_ctx, slot count
+    # and rollback slack take it, into any slot
+    other_session = dsv4_ggml.Model(tiny_model, n_ctx=512, n_seq=2, n_rollback=0)
+    other_session.load_state(blob, seq=1)
+    assert other_session.save_state(seq=1) == blob and other_session.seq_len(0) == 0
     with pytest.raises(errors.StateError, match="cache type"):
         dsv4_ggml.Model(tiny_model, n_ctx=256, cache_type="q8_0").load_state(blob)
 

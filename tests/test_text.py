@@ -188,9 +188,9 @@ def test_second_chat_turn_evaluates_only_the_new_tokens(tiny_model):
     fed = []
     eval_ = m.eval
 
-    def spy(tokens, logits="all"):
+    def spy(tokens, logits="all", **kw):
         fed.append(len(tokens))
-        return eval_(tokens, logits)
+        return eval_(tokens, logits, **kw)
     m.eval = spy
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     first = m.create_chat_completion(messages, max_tokens=6, temperature=0)
