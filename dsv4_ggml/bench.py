@@ -1,7 +1,10 @@
 """`dsv4-ggml bench`: prompt processing and token generation throughput, llama-bench style.
 
 pp<N>: one prefill of N tokens from an empty session. tg<N>: N single-token decode steps after a
-prefill of `depth` tokens (not timed). Each test runs once to warm up, then `repetitions` times;
+prefill of `depth` tokens (not timed). `--seqs 1,2,4,8`: N sequences together (llama-batched-bench
+style): N prompts prefilled together, then decode steps of one token per sequence; aggregate
+tokens/s, weight bytes a step reads and the floor they set. Each test runs once to warm up, then
+`repetitions` times;
 results are mean ± standard deviation of tokens/s. Also reported: the persistent cache bytes
 per context token (measured from the allocator vs the theoretical value of spec §4.1), the
 weight bytes a decode step reads, and (given a memory bandwidth) the bandwidth floor.
@@ -76,6 +79,26 @@ def decode_bytes_per_token(model: Model) -> dict[str, float]:
         else:
             parts["attention+hc"] += t.nbytes
     parts["total"] = sum(parts.values())
+    return parts
+
+
+def expected_experts(n_expert: int, n_used: int, n_tokens: int) -> float:
+    """Expected number of distinct routed experts n_tokens tokens select in one layer (each picks
+    n_used of n_expert; modelled as independent and uniform, which the bench models' random
+    routers come close to)."""
+    return n_expert * (1.0 - (1.0 - n_used / n_expert) ** n_tokens)
+
+
+def step_weight_bytes(model: Model, n_tokens: int) -> dict[str, float]:
+    """Weight bytes a decode step of n_tokens tokens (one per sequence) reads: every non-expert
+    weight once, the union of the routed experts the tokens select (expected), n_tokens rows of the
+    embedding."""
+    hp = model.hparams
+    parts = decode_bytes_per_token(model)
+    union = expected_experts(hp["n_expert"], hp["n_expert_used"], n_tokens)
+    parts["routed experts"] *= union / hp["n_expert_used"]
+    parts["embedding"] *= n_tokens
+    parts["total"] = sum(v for k, v in parts.items() if k != "total")
     return parts
 
 
@@ -157,6 +180,65 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | N
     return out
 
 
+def run_seqs_bench(path: str, seqs: list[int], n_prompt: int = 128, n_gen: int = 128, threads: int | None = None,
+                   depths: list[int] = (0,), repetitions: int = 3, cache_type: str = "f16", n_ubatch: int = 512,
+                   bandwidth_gbs: float | None = None, flash_attn: bool = True, log=sys.stderr,
+                   **model_kwargs) -> dict:
+    """N sequences together, llama-batched-bench style: for each N and each depth (the prompt
+    length per sequence; depth 0: n_prompt), the N prompts prefilled together (pp, timed), then
+    n_gen decode steps of N tokens, one per sequence (tg, timed). Aggregate tokens/s."""
+    lengths = [d if d > 0 else n_prompt for d in depths]
+    n_ctx = max(lengths) + n_gen + 8
+    m = Model(path, n_ctx=n_ctx, n_threads=threads, cache_type=cache_type, n_ubatch=n_ubatch, prefetch=True,
+              flash_attn=flash_attn, n_seq=max(seqs), **model_kwargs)
+    rng = np.random.default_rng(0)
+    vocab = m.n_vocab
+    rows = []
+    for n in seqs:
+        for length in lengths:
+            pp, tg = [], []
+            prompts = {i: rng.integers(2, vocab, length) for i in range(n)}
+            gen = rng.integers(2, vocab, (n_gen, n))
+            for rep in range(repetitions + 1):
+                m.reset()
+                dt_pp = _timed(lambda: m.eval_batch(prompts, logits="last"))
+
+                def decode():
+                    for step in gen:
+                        m.eval_batch({i: [int(step[i])] for i in range(n)}, logits="last")
+                dt_tg = _timed(decode)
+                if rep:
+                    pp.append(n * length / dt_pp)
+                    tg.append(n * n_gen / dt_tg)
+            w = step_weight_bytes(m, n)
+            row = {"n_seq": n, "depth": length, "pp_tokens_per_s": pp, "tg_tokens_per_s": tg,
+                   "pp_mean": statistics.fmean(pp), "tg_mean": statistics.fmean(tg),
+                   "tg_std": statistics.stdev(tg) if len(tg) > 1 else 0.0, "step_weight_bytes": w["total"]}
+            if bandwidth_gbs:
+                row["floor_tokens_per_s"] = n * bandwidth_gbs * 1e9 / w["total"]
+                row["floor_fraction"] = row["tg_mean"] / row["floor_tokens_per_s"]
+            rows.append(row)
+            print(f"  N={n} depth {length}: pp {row['pp_mean']:.1f} t/s, tg {row['tg_mean']:.1f} ± "
+                  f"{row['tg_std']:.1f} t/s", file=log)
+    return {"model": path, "threads": m.n_threads, "cache_type": cache_type, "n_gen": n_gen, "seqs": rows,
+            "bandwidth_gbs": bandwidth_gbs}
+
+
+def print_seqs_report(out: dict, stream=sys.stdout) -> None:
+    print(f"model: {out['model']}  threads: {out['threads']}  cache: {out['cache_type']}  "
+          f"tg: {out['n_gen']} steps", file=stream)
+    floor = out.get("bandwidth_gbs") is not None
+    print("| sequences | depth | pp t/s (all) | tg t/s (all) | tg t/s per sequence | weights read per step |"
+          + (" bandwidth floor t/s | of the floor |" if floor else ""), file=stream)
+    print("|---|---|---|---|---|---|" + ("---|---|" if floor else ""), file=stream)
+    for r in out["seqs"]:
+        line = (f"| {r['n_seq']} | {r['depth']} | {r['pp_mean']:.1f} | {r['tg_mean']:.1f} ± {r['tg_std']:.1f} | "
+                f"{r['tg_mean'] / r['n_seq']:.1f} | {r['step_weight_bytes'] / 2**20:.1f} MiB |")
+        if floor:
+            line += f" {r['floor_tokens_per_s']:.1f} | {r['floor_fraction']:.0%} |"
+        print(line, file=stream)
+
+
 def print_report(out: dict, stream=sys.stdout) -> None:
     print(f"model: {out['model']}  threads: {out['threads']}  cache: {out['cache_type']}", file=stream)
     print(f"| test | depth | t/s |", file=stream)
@@ -180,6 +262,18 @@ def main_args(args) -> int:
     depths = [int(x) for x in str(args.depth).split(",") if x != ""]
     if args.cache_type not in CACHE_TYPES:
         raise SystemExit(f"unknown cache type {args.cache_type}")
+    if args.seqs:
+        seqs = [int(x) for x in str(args.seqs).split(",") if x != ""]
+        if not seqs or min(seqs) < 1:
+            raise SystemExit(f"--seqs needs positive sequence counts, got {args.seqs!r}")
+        out = run_seqs_bench(args.model, seqs, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
+                             args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
+                             **backend_kwargs(args))
+        if args.json:
+            print(json.dumps(out, indent=2, default=str))
+        else:
+            print_seqs_report(out)
+        return 0
     out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
                     args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
                     **backend_kwargs(args))

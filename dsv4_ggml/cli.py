@@ -140,9 +140,12 @@ def cmd_inspect(args) -> int:
         if n_ctx > hp["n_ctx_train"]:
             print(f"n_ctx {n_ctx}: exceeds the model's context length {hp['n_ctx_train']}")
             continue
-        state = m.estimate_state_bytes(n_ctx)
+        slot = m.estimate_state_bytes(n_ctx, per_slot=True)
+        state = m.estimate_state_bytes(n_ctx, n_seq=args.seqs)
         print(f"memory at n_ctx {n_ctx}: weights {_human(total)} (mapped from the file) + session state "
-              f"{_human(state)} ({state / n_ctx:.0f} bytes/token incl. fixed windows) + compute buffer")
+              f"{_human(state)} for {args.seqs} sequence{'s' if args.seqs > 1 else ''} ({_human(slot)} per "
+              f"sequence slot, {slot / n_ctx:.0f} bytes/token incl. fixed windows and rollback rings) + "
+              f"compute buffer")
     if args.tensors:
         nw = max(len(t.name) for t in tensors)
         for t in tensors:
@@ -285,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a model file and print what it holds.")
     i.add_argument("model", help="a DeepSeek-V4 .gguf file")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument("--seqs", type=int, default=1, help="sequence slots of the session (default 1)")
     i.add_argument("--ctx", type=int, nargs="*", default=[4096, 32768],
                    help="context lengths to estimate memory for (default 4096 32768)")
     i.set_defaults(fn=cmd_inspect)
@@ -317,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     b.add_argument("-d", "--depth", default="0", help="comma-separated context depths for tg (default 0)")
     b.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test (default 3)")
+    b.add_argument("--seqs", default=None,
+                   help="comma-separated sequence counts, e.g. 1,2,4,8: N sequences prefill -p tokens each "
+                        "together, then decode -n tokens each together at each --depth (llama-batched-bench "
+                        "style; aggregate t/s, weight bytes read per step and the bandwidth floor)")
     b.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     b.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
     b.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")

@@ -208,6 +208,38 @@ def test_second_chat_turn_evaluates_only_the_new_tokens(tiny_model):
     assert again == second["choices"][0]["message"]["content"]
 
 
+def test_thinking_chat_next_turn_evaluates_only_what_follows_the_common_prefix(tiny_model):
+    """Thinking mode drops a turn's reasoning from the history, so the next prompt is not an
+    extension of the tokens held: the sequence goes back to where the two part (just before the
+    first turn's reasoning: the prompt-end checkpoint, nothing recomputed) and evaluates only the
+    rest, and generates what a fresh model given the same prompt tokens generates."""
+    m = dsv4_ggml.Model(tiny_model, n_ctx=2048)
+    fed = []
+    eval_ = m.eval
+
+    def spy(tokens, logits="all", **kw):
+        fed.append(len(tokens))
+        return eval_(tokens, logits, **kw)
+    m.eval = spy
+    messages = [{"role": "user", "content": "Hello there"}]
+    first = m.create_chat_completion(messages, max_tokens=40, temperature=0, thinking=True)
+    held = list(m._tokens)
+    messages += [first["choices"][0]["message"], {"role": "user", "content": "And again"}]
+    fed.clear()
+    second = m.create_chat_completion(messages, max_tokens=3, temperature=0, thinking=True)
+    prompt2 = second["usage"]["prompt_tokens"]
+    prompt_tokens = m._tokens[:prompt2]
+    common = next(i for i, (a, b) in enumerate(zip(held, prompt_tokens)) if a != b)
+    assert common < len(held) - 30                  # the held reasoning is not part of the new prompt
+    assert fed[0] == prompt2 - common and sum(fed) < prompt2
+    st = m.stats()
+    assert st["n_restores"] == 1 and st["n_reevaluated"] == 0
+    fresh = dsv4_ggml.Model(tiny_model, n_ctx=2048)
+    again = [c.token for c in fresh.generate(prompt_tokens, max_tokens=3, temperature=0)]
+    generated = m._tokens[prompt2:]                 # the last sampled token is never evaluated
+    assert len(generated) == 2 and again[:2] == generated
+
+
 def test_prompt_longer_than_the_context_raises(tiny_model):
     m = dsv4_ggml.Model(tiny_model, n_ctx=16)
     with pytest.raises(errors.ContextOverflowError):

@@ -407,7 +407,6 @@ ggml_tensor * Step::indexer_scores(uint32_t, ggml_tensor * q, ggml_tensor * keys
 
 KeySet Step::with_cache(const KeySet & keys, ggml_tensor * cache, Stream st) {
     RatioInputs & in = inputs(st);
-    const RatioPlan & p = ratio_plan(st);
     KeySet out = keys;
     if (out.group.ring != nullptr) {
         out.group.cache = cache;
@@ -420,7 +419,6 @@ KeySet Step::with_cache(const KeySet & keys, ggml_tensor * cache, Stream st) {
         sk.shared = ggml_concat(ctx, sk.shared, sk.cache_rows, 1);
         sk.shared_mask = ggml_concat(ctx, sk.shared_mask, batch_rows(ctx, in.visible_f32, sk.offset, sk.n), 0);
     }
-    (void) p;
     return out;
 }
 
