@@ -269,16 +269,14 @@ def main_args(args) -> int:
         out = run_seqs_bench(args.model, seqs, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
                              args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
                              **backend_kwargs(args))
-        if args.json:
-            print(json.dumps(out, indent=2, default=str))
-        else:
-            print_seqs_report(out)
-        return 0
-    out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
-                    args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
-                    **backend_kwargs(args))
+        report = print_seqs_report
+    else:
+        out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
+                        args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
+                        **backend_kwargs(args))
+        report = print_report
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
-        print_report(out)
+        report(out)
     return 0

@@ -183,8 +183,8 @@ def test_completion_and_chat_completion_are_openai_shaped(model):
     assert streamed[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_second_chat_turn_evaluates_only_the_new_tokens(tiny_model):
-    m = dsv4_ggml.Model(tiny_model, n_ctx=1024)
+def count_evaluated(m) -> list[int]:
+    """Records the length of every token list `m.eval` is given from now on."""
     fed = []
     eval_ = m.eval
 
@@ -192,6 +192,12 @@ def test_second_chat_turn_evaluates_only_the_new_tokens(tiny_model):
         fed.append(len(tokens))
         return eval_(tokens, logits, **kw)
     m.eval = spy
+    return fed
+
+
+def test_second_chat_turn_evaluates_only_the_new_tokens(tiny_model):
+    m = dsv4_ggml.Model(tiny_model, n_ctx=1024)
+    fed = count_evaluated(m)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     first = m.create_chat_completion(messages, max_tokens=6, temperature=0)
     held = len(m._tokens)
@@ -214,13 +220,7 @@ def test_thinking_chat_next_turn_evaluates_only_what_follows_the_common_prefix(t
     first turn's reasoning: the prompt-end checkpoint, nothing recomputed) and evaluates only the
     rest, and generates what a fresh model given the same prompt tokens generates."""
     m = dsv4_ggml.Model(tiny_model, n_ctx=2048)
-    fed = []
-    eval_ = m.eval
-
-    def spy(tokens, logits="all", **kw):
-        fed.append(len(tokens))
-        return eval_(tokens, logits, **kw)
-    m.eval = spy
+    fed = count_evaluated(m)
     messages = [{"role": "user", "content": "Hello there"}]
     first = m.create_chat_completion(messages, max_tokens=40, temperature=0, thinking=True)
     held = list(m._tokens)
