@@ -238,16 +238,22 @@ struct CacheRef {
     int ratio;
 };
 
+// ring rows per slot of each kind
+int64_t ring_rows(const Geometry & geo, RingKind kind) {
+    return kind == WINDOW ? geo.window_rows : kind == RATIO4 ? geo.ring4 : geo.ring128;
+}
+
 std::vector<RingRef> rings(const dsv4_session & s) {
     std::vector<RingRef> out;
-    for (const LayerState & L : s.layers) {
-        out.push_back({L.window, s.geo.window_rows, WINDOW, false});
-        for (const CompressorState * cs : {&L.main, &L.index}) {
+    for (uint32_t il = 0; il < s.layers.size(); ++il) {
+        const LayerState & L = s.layers[il];
+        out.push_back({L.window, ring_rows(s.geo, WINDOW), WINDOW, false});
+        const int ratio = s.model->hp.compress_ratios[il];
+        for (const CompressorState * cs : {&L.main, &L.index}) {  // the indexer's: ratio 4
             if (cs->kv != nullptr) {
-                const bool r4 = cs->kv->ne[1] == s.geo.n_slots * s.geo.ring4 + 1 && cs->cache->ne[1] == s.geo.n_slots * s.geo.n_rows4;
-                const int64_t S = r4 ? s.geo.ring4 : s.geo.ring128;
-                out.push_back({cs->kv, S, r4 ? RATIO4 : RATIO128, false});
-                out.push_back({cs->score, S, r4 ? RATIO4 : RATIO128, true});
+                const RingKind kind = ratio == 4 ? RATIO4 : RATIO128;
+                out.push_back({cs->kv, ring_rows(s.geo, kind), kind, false});
+                out.push_back({cs->score, ring_rows(s.geo, kind), kind, true});
             }
         }
     }
@@ -283,6 +289,10 @@ int64_t ring_start(const dsv4_hparams & hp, RingKind kind, int64_t n, int64_t sl
 }
 
 int64_t & ring_lo(SeqSlot & sl, RingKind kind) {
+    return kind == WINDOW ? sl.lo_window : kind == RATIO4 ? sl.lo4 : sl.lo128;
+}
+
+int64_t ring_lo(const SeqSlot & sl, RingKind kind) {
     return kind == WINDOW ? sl.lo_window : kind == RATIO4 ? sl.lo4 : sl.lo128;
 }
 
@@ -379,7 +389,7 @@ bool rings_hold(const dsv4_session & s, const SeqSlot & sl, int64_t n) {
         if ((kind == RATIO4 && !s.geo.has4) || (kind == RATIO128 && !s.geo.has128)) {
             continue;
         }
-        if (ring_start(s.model->hp, kind, n, 0) < ring_lo(const_cast<SeqSlot &>(sl), kind)) {
+        if (ring_start(s.model->hp, kind, n, 0) < ring_lo(sl, kind)) {
             return false;
         }
     }
@@ -395,7 +405,7 @@ void check_seq(const dsv4_session & s, int32_t seq, const char * what) {
 
 // --- micro-batches ----------------------------------------------------------------------------------
 
-// Where a micro-batch's logits go: batch row `row` of segment `segment`, to `dst`.
+// Where a micro-batch's logits go: those of batch row `row`, to `dst`.
 struct OutRow {
     int32_t row;
     float * dst;
@@ -450,9 +460,9 @@ void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_g
         SeqSlot & sl = s.slots[size_t(sg.slot)];
         sl.n_past += sg.n;
         sl.tokens.insert(sl.tokens.end(), tokens.begin() + sg.offset, tokens.begin() + sg.offset + sg.n);
-        sl.lo_window = std::max(sl.lo_window, sl.n_past - s.geo.window_rows);
-        sl.lo4 = std::max(sl.lo4, sl.n_past - s.geo.ring4);
-        sl.lo128 = std::max(sl.lo128, sl.n_past - s.geo.ring128);
+        for (RingKind kind : {WINDOW, RATIO4, RATIO128}) {  // what the new rows overwrote
+            ring_lo(sl, kind) = std::max(ring_lo(sl, kind), sl.n_past - ring_rows(s.geo, kind));
+        }
         const int64_t last = sl.checkpoints.empty() ? 0 : sl.checkpoints.back().pos;
         if (s.params.checkpoint_interval > 0 &&
             sl.n_past / s.params.checkpoint_interval > last / s.params.checkpoint_interval) {
