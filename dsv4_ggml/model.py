@@ -215,8 +215,6 @@ class Model:
             entries[i].out_rows = rows
             keep.append(toks)
             out[seq] = res
-        if len(out) != len(batch):
-            raise InvalidArgumentError("eval_batch: a sequence appears twice")
         _native.check(lib.dsv4_session_eval_batch(self._session, entries, len(batch)))
         for (seq, res), toks in zip(out.items(), keep):
             self._seqs[seq].extend(int(t) for t in toks)
