@@ -157,11 +157,10 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     }
     if (key.n_out > 0) {
         if (key.n_out < st.n_tokens) {  // only the rows whose logits are wanted, before the HC head (§3.9)
-            ggml_tensor * rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, key.n_out);
-            ggml_set_input(rows);
-            ggml_set_name(rows, "out_rows");
+            g->out_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, key.n_out);
+            ggml_set_input(g->out_rows);
             ggml_tensor * flat = ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], X->ne[2]);
-            X = ggml_reshape_3d(ctx, ggml_get_rows(ctx, flat, rows), X->ne[0], X->ne[1], key.n_out);
+            X = ggml_reshape_3d(ctx, ggml_get_rows(ctx, flat, g->out_rows), X->ne[0], X->ne[1], key.n_out);
         }
         g->logits = output_head(st, m.weights, X);
         ggml_set_output(g->logits);
@@ -444,8 +443,8 @@ void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_g
     CachedGraph & g = graph_for(s, graph_key(s.plan));
     s.current = &g;
     g.step->set_inputs();
-    if (ggml_tensor * rows = ggml_graph_get_tensor(g.graph, "out_rows"); rows != nullptr && rows->buffer != nullptr) {
-        ggml_backend_tensor_set(rows, out_rows.data(), 0, out_rows.size() * sizeof(int32_t));
+    if (g.out_rows != nullptr) {
+        ggml_backend_tensor_set(g.out_rows, out_rows.data(), 0, out_rows.size() * sizeof(int32_t));
     }
     if (s.profile != nullptr) {
         s.profile->phase = int64_t(segs.size()) == n_group ? "decode" : "prefill";

@@ -29,6 +29,7 @@ struct CachedGraph {
     ggml_context_ptr ctx;                  // its tensors' metadata, in `mem`
     ggml_cgraph * graph = nullptr;
     ggml_tensor * logits = nullptr;
+    ggml_tensor * out_rows = nullptr;      // i32: the batch rows whose logits are computed (null: all)
     ggml_tensor * health = nullptr;        // Σ of the last trunk layer's input: NaN/Inf check
     std::unique_ptr<Step> step;
     ggml_backend_sched_ptr sched;          // each graph keeps its own compute buffer

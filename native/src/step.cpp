@@ -415,8 +415,8 @@ KeySet Step::with_cache(const KeySet & keys, ggml_tensor * cache, Stream st) {
     }
     for (size_t k = 0; k < out.segments.size(); ++k) {
         SegmentKeys & sk = out.segments[k];
-        sk.cache_rows = ggml_get_rows(ctx, cache, in.segment_rows[k]);  // F32, whatever the cache type
-        sk.shared = ggml_concat(ctx, sk.shared, sk.cache_rows, 1);
+        ggml_tensor * rows = ggml_get_rows(ctx, cache, in.segment_rows[k]);  // F32, whatever the cache type
+        sk.shared = ggml_concat(ctx, sk.shared, rows, 1);
         sk.shared_mask = ggml_concat(ctx, sk.shared_mask, batch_rows(ctx, in.visible_f32, sk.offset, sk.n), 0);
     }
     return out;
@@ -456,18 +456,18 @@ KeySet Step::with_selected(uint32_t, const KeySet & keys, ggml_tensor * cache, g
     for (size_t i = 0; i < out.segments.size(); ++i) {
         SegmentKeys & sk = out.segments[i];
         ggml_tensor * seg_scores = batch_rows(ctx, scores, sk.offset, sk.n);
-        sk.cache_rows = ggml_get_rows(ctx, cache, in.segment_rows[i]);  // F32 ne{d, n_view}
+        ggml_tensor * rows = ggml_get_rows(ctx, cache, in.segment_rows[i]);  // F32 ne{d, n_view}
         if (sk.n == 1) {
             // one query (CUDA decode): gather its k picked entries
             const auto [top, mask] = picks(seg_scores, 1, cpu);
-            ggml_tensor * picked = ggml_get_rows(ctx, sk.cache_rows, ggml_reshape_1d(ctx, top, k));
-            sk.own = ggml_reshape_3d(ctx, picked, sk.cache_rows->ne[0], k, 1);
+            ggml_tensor * picked = ggml_get_rows(ctx, rows, ggml_reshape_1d(ctx, top, k));
+            sk.own = ggml_reshape_3d(ctx, picked, rows->ne[0], k, 1);
             sk.own_mask = mask;
             continue;
         }
         // several queries: each attends to the whole cache view through a mask that is 0 only at
         // its own picks (the scores are −inf at hidden blocks, which are never picked)
-        sk.shared = ggml_concat(ctx, sk.shared, sk.cache_rows, 1);
+        sk.shared = ggml_concat(ctx, sk.shared, rows, 1);
         sk.shared_mask = ggml_concat(ctx, sk.shared_mask, ops::topk_mask(ctx, seg_scores, k), 0);
     }
     return out;

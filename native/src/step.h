@@ -56,7 +56,6 @@ struct SegmentKeys {
     ggml_tensor * shared_mask = nullptr;  // ne{N, n} f32: 0 visible, -inf hidden
     ggml_tensor * own = nullptr;          // ne{Dh, k, n}: keys picked per query (one-token CSA)
     ggml_tensor * own_mask = nullptr;     // ne{k, n} f32
-    ggml_tensor * cache_rows = nullptr;   // ne{d, n_view} f32: its sequence's compressed entries
 };
 
 struct GroupKeys {
