@@ -16,6 +16,7 @@ Q8_0, then F16, like llama-quantize.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import numbers
@@ -44,7 +45,7 @@ QUANTIZED = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.
 _INT_FIELDS = ("n_vocab", "n_embd", "n_layer", "n_hash_layers", "n_mtp_layers", "n_head", "head_dim", "n_rot",
                "q_lora_rank", "o_groups", "o_lora_rank", "n_swa", "indexer_n_head", "indexer_head_dim",
                "indexer_top_k", "n_expert", "n_expert_used", "n_expert_shared", "expert_ff", "hc_mult",
-               "hc_sinkhorn_iters", "rope_orig_ctx", "context_length")
+               "hc_sinkhorn_iters", "rope_orig_ctx", "context_length", "distinct_experts")
 _FLOAT_FIELDS = ("expert_weights_scale", "swiglu_limit", "swiglu_limit_shared", "hc_eps", "norm_eps",
                  "rope_freq_base", "compress_rope_freq_base", "rope_scaling_factor", "yarn_beta_fast",
                  "yarn_beta_slow")
@@ -90,6 +91,8 @@ class TinyConfig:
     context_length: int = 32768
     weight_type: str = "f32"      # 2-D projections, experts, embedding and LM head
     expert_type: str | None = None  # routed experts (default: weight_type)
+    distinct_experts: int = 0       # >0: draw this many routed experts per layer and repeat them to
+    #                                 n_expert (a large benchmark file in seconds; 0: all drawn)
 
     def validate(self) -> None:
         """Raises ValueError naming the first option that cannot make a file llama.cpp's loader
@@ -132,6 +135,8 @@ class TinyConfig:
              f"({self.indexer_head_dim})")
         need(1 <= self.n_expert_used <= self.n_expert,
              f"n_expert_used must be in [1, n_expert={self.n_expert}], got {self.n_expert_used}")
+        need(0 <= self.distinct_experts <= self.n_expert,
+             f"distinct_experts must be in [0, n_expert={self.n_expert}], got {self.distinct_experts}")
         need(self.n_expert_shared == 1, f"n_expert_shared must be 1, got {self.n_expert_shared}")
         need(self.hc_mult == 4, f"hc_mult must be 4 (llama.cpp requires it), got {self.hc_mult}")
         for name in ("norm_eps", "hc_eps", "swiglu_limit", "rope_scaling_factor", "expert_weights_scale"):
@@ -196,6 +201,23 @@ class _Weights:
         return self.rng.uniform(lo, hi, shape).astype(np.float32)
 
 
+@dataclass
+class _Repeated:
+    """Stacked experts [n, out, in] written as `total` experts: the drawn ones repeated in turn
+    (converted once, then copied: quantization works row by row)."""
+
+    drawn: np.ndarray
+    total: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.total, *self.drawn.shape[1:])
+
+    def expand(self, converted: np.ndarray) -> np.ndarray:
+        reps = -(-self.total // converted.shape[0])
+        return np.concatenate([converted] * reps)[:self.total]
+
+
 def _layer_tensors(cfg: TinyConfig, w: _Weights, il: int, mtp: bool) -> list[tuple[str, np.ndarray]]:
     D, H, Dh, HC = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.hc_mult
     mix = (2 + HC) * HC
@@ -248,11 +270,17 @@ def _layer_tensors(cfg: TinyConfig, w: _Weights, il: int, mtp: bool) -> list[tup
         t.append((p + "ffn_gate_tid2eid.weight", table.astype(np.int32)))
     else:
         t.append((p + "exp_probs_b.bias", w.normal(0.1, E)))
+    n_drawn = cfg.distinct_experts or E
+
+    def experts(n_in: int, n_out: int) -> np.ndarray | _Repeated:
+        drawn = w.matrix(n_in, n_out, n_drawn)
+        return drawn if n_drawn == E else _Repeated(drawn, E)
+
     t += [
         (p + "ffn_norm.weight", norm(D)),
-        (p + "ffn_gate_exps.weight", w.matrix(D, F, E)),
-        (p + "ffn_up_exps.weight", w.matrix(D, F, E)),
-        (p + "ffn_down_exps.weight", w.matrix(F, D, E)),
+        (p + "ffn_gate_exps.weight", experts(D, F)),
+        (p + "ffn_up_exps.weight", experts(D, F)),
+        (p + "ffn_down_exps.weight", experts(F, D)),
         (p + "ffn_gate_shexp.weight", w.matrix(D, F * cfg.n_expert_shared)),
         (p + "ffn_up_shexp.weight", w.matrix(D, F * cfg.n_expert_shared)),
         (p + "ffn_down_shexp.weight", w.matrix(F * cfg.n_expert_shared, D)),
@@ -351,20 +379,33 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     ]
     for il in range(n_blocks):
         tensors += _layer_tensors(cfg, rng, il, mtp=il >= cfg.n_layer)
+    kinds: list[str] = []
     for name, data in tensors:
         wanted = _wanted_type(cfg, name)
         if wanted is None or wanted == "f32":
-            w.add_tensor(name, np.ascontiguousarray(data))
-            continue
-        kind = _fitting_type(wanted, data.shape[-1])
-        types[name] = kind
-        if kind == "f16":
-            w.add_tensor(name, data.astype(np.float16))
-        elif kind == "f32":
-            w.add_tensor(name, np.ascontiguousarray(data))
+            kinds.append("f32")
         else:
-            from .quantize import ggml_type, quantize
-            w.add_tensor(name, quantize(data, ggml_type(kind)), raw_dtype=ggml_type(kind))
+            kinds.append(_fitting_type(wanted, data.shape[-1]))
+            types[name] = kinds[-1]
+
+    def convert(data: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
+        if kind == "f32":
+            return np.ascontiguousarray(data), None
+        if kind == "f16":
+            return data.astype(np.float16), None
+        from .quantize import ggml_type, quantize
+        return quantize(data, ggml_type(kind)), ggml_type(kind)
+
+    def converted(data: Any, kind: str) -> tuple[np.ndarray, Any]:
+        if isinstance(data, _Repeated):
+            out, raw = convert(data.drawn, kind)
+            return data.expand(out), raw
+        return convert(data, kind)
+
+    # ggml's quantizers release the GIL (cffi): the tensors are converted in parallel, in file order
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for (name, _), (data, raw) in zip(tensors, pool.map(converted, [d for _, d in tensors], kinds)):
+            w.add_tensor(name, data, raw_dtype=raw)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

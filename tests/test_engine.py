@@ -5,7 +5,6 @@ Tolerance (F32 weights): max|Δ| / max|ref| < 1e-4 at every position, identical 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,9 +14,10 @@ from dsv4_ggml import errors
 from dsv4_ggml.reference import Reference
 from dsv4_ggml.tiny import write_tiny_model
 
-TOL = 1e-4
 # DSV4_TEST_BACKEND=cuda runs these tests on the GPU (a CUDA build; benchmarks/gpu_check.sh)
-BACKEND = os.environ.get("DSV4_TEST_BACKEND", "cpu")
+from conftest import TEST_BACKEND as BACKEND
+
+TOL = 1e-4
 
 
 def engine(path, **kw):
@@ -139,7 +139,7 @@ def test_golden_f32_matches_llamacpp(golden):
 
 
 @pytest.mark.parametrize("repack", ["none", "auto"])
-def test_golden_q8_0_against_llamacpp_within_measured_bound(golden, repack):
+def test_golden_q8_0_against_llamacpp_within_measured_bound(golden_q8_0, repack):
     """Q8_0 weights: both engines quantize activations inside the matmuls; selection flips make
     the tiny model chaotic, and so does the rounding of activations to Q8_0: a difference in the
     seventh digit can move an activation to the next Q8_0 step. Until the first compressed entry
@@ -148,6 +148,7 @@ def test_golden_q8_0_against_llamacpp_within_measured_bound(golden, repack):
     matched llama.cpp's logits exactly until the first selection flip, at position 19.)
     Measured: positions 0-3 within 1.5e-7; median 1.8e-2 / 2.0e-2, worst 0.34 / 0.42, argmax
     94.6% / 93.9% (in place / AMX; the F32 golden stays within 1.1e-6)."""
+    golden = golden_q8_0
     toks = json.loads((golden / "tokens-700.json").read_text())
     want = np.load(golden / "ds4-tiny-q8_0.llamacpp-logits.npy")
     m = engine(golden / "ds4-tiny-q8_0.gguf", n_ctx=1024, repack=repack)
