@@ -85,11 +85,20 @@ fi
 if [[ $STAGE == test || $STAGE == all ]]; then
     stamp "test: op twins"
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda -rfE 2>&1 | tail -25
-    stamp "test: placements (tests/test_cuda.py)"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -s -rfE 2>&1 | grep -v "^$" | tail -40
-    stamp "test: engine, sequences and quantized suites on cuda"
-    DSV4_TEST_BACKEND=cuda timeout ${SUITE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 12 -rfE \
-        --tb=line tests/test_engine.py tests/test_sequences.py tests/test_quant.py 2>&1 | grep -v "^$" | tail -70
+    stamp "test: placements, engine, sequences and quantized suites on cuda (log: suite.log, suite.xml)"
+    DSV4_TEST_BACKEND=cuda COLUMNS=240 timeout "${SUITE_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+        -n "${TEST_WORKERS:-14}" --tb=line -rfE -o junit_logging=system-out --junitxml="$W/suite.xml" \
+        tests/test_cuda.py tests/test_engine.py tests/test_sequences.py tests/test_quant.py >"$W/suite.log" 2>&1
+    grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$W/suite.log" | cut -c1-240 | tail -60
+    python3 - "$W/suite.xml" <<'PY'   # each test's measured numbers (its printed "worst" lines)
+import sys, xml.etree.ElementTree as ET
+for tc in ET.parse(sys.argv[1]).iter("testcase"):
+    bad = tc.find("failure") is not None or tc.find("error") is not None
+    out = tc.findtext("system-out") or ""
+    lines = [l.strip() for l in out.splitlines() if "worst" in l or "argmax" in l][:3]
+    if bad or lines:
+        print(("FAIL " if bad else "ok   ") + tc.get("name")[:70], "|", " / ".join(lines)[:300])
+PY
     stamp "test done"
 fi
 

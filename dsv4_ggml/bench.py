@@ -165,6 +165,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | N
         "n_layer": hp["n_layer"],
         "graph_nodes": stats["n_graph_nodes"],
         "graph_nodes_per_layer": stats["n_graph_nodes"] / max(1, hp["n_layer"]),
+        "graph_splits": stats["n_graph_splits"],
+        "graph_copies": stats["n_graph_copies"],
         "cache_bytes_per_token": {"measured": measured, "theoretical": theory},
         "compute_bytes_by_depth": compute_bytes,
         "decode_weight_bytes": decode_bytes_per_token(m),
@@ -254,7 +256,8 @@ def print_report(out: dict, stream=sys.stdout) -> None:
     if "bandwidth_floor_tokens_per_s" in out:
         print(f"memory bandwidth {out['bandwidth_gbs']:.1f} GB/s -> floor {out['bandwidth_floor_tokens_per_s']:.1f} "
               f"t/s; tg reaches {out.get('bandwidth_fraction', 0):.0%} of it", file=stream)
-    print(f"graph: {out['graph_nodes']} nodes, {out['graph_nodes_per_layer']:.0f} per layer; compute buffer "
+    print(f"graph: {out['graph_nodes']} nodes, {out['graph_nodes_per_layer']:.0f} per layer, "
+          f"{out['graph_splits']} backend splits, {out['graph_copies']} copies; compute buffer "
           + ", ".join(f"d{d}: {b / 2**20:.1f} MiB" for d, b in out["compute_bytes_by_depth"].items()), file=stream)
 
 

@@ -411,7 +411,8 @@ class Model:
         """Session counters: n_past (sequence 0), n_ubatches, n_graph_builds, n_graph_nodes,
         state_bytes (every slot), slot_state_bytes (one slot), n_seq, checkpoint_bytes, n_restores
         and n_reevaluated (truncations that went back further than the rings reach, and the tokens
-        they recomputed), compute_bytes."""
+        they recomputed), compute_bytes, n_graph_splits and n_graph_copies (of the current graph:
+        the backend splits the scheduler made, the tensors it copies between backends)."""
         self._require_open()
         st = self._ffi.new("dsv4_session_stats *")
         _native.check(self._lib.dsv4_session_get_stats(self._session, st))

@@ -156,7 +156,8 @@ def test_golden_q8_0_against_llamacpp_within_measured_bound(golden_q8_0, repack)
     err = rel_err(got, want)
     agree = (got.argmax(1) == want.argmax(1)).mean()
     print(f"golden q8_0 repack={repack}: worst {err.max():.2e} median {np.median(err):.2e} argmax {agree:.1%}")
-    assert err[:4].max() < 1e-6
+    if BACKEND == "cpu":   # ggml-cuda rounds activations to Q8_1 blocks, llama.cpp's CPU run to Q8_0
+        assert err[:4].max() < 1e-6
     assert np.median(err) < 0.04 and agree > 0.9
 
 

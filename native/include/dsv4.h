@@ -175,6 +175,8 @@ typedef struct dsv4_session_stats {
     uint64_t checkpoint_bytes; /* host memory held by checkpoints, all slots */
     int64_t n_restores;        /* truncations that went further back than the rings reach */
     int64_t n_reevaluated;     /* tokens those recomputed */
+    int32_t n_graph_splits;    /* backend splits of the current graph (1: it runs on one backend) */
+    int32_t n_graph_copies;    /* tensors the scheduler copies between backends for it */
 } dsv4_session_stats;
 
 DSV4_API const char * dsv4_version(void);

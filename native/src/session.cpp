@@ -33,6 +33,7 @@ struct OpProfile {
     const char * phase = "prefill";                  // "decode": one-token micro-batches
     std::map<std::string, int64_t> steps;           // micro-batches per phase
     std::map<std::string, std::map<std::string, Row>> ops, blocks;  // phase → op / block·op
+    std::map<std::string, std::map<std::string, Row>> shapes;       // phase → block·op·operand shapes
     std::chrono::steady_clock::time_point t0;
     std::string op, block;
 };
@@ -87,7 +88,14 @@ bool profile_callback(ggml_tensor * t, bool ask, void * user_data) {
         return true;
     }
     const double dt = std::chrono::duration<double>(now - p->t0).count();
-    for (auto * row : {&p->ops[p->phase][p->op], &p->blocks[p->phase][p->block + " " + p->op]}) {
+    std::string shape = p->block + " " + p->op;
+    for (int i = 0; i < 2 && t->src[i] != nullptr; ++i) {
+        const ggml_tensor * a = t->src[i];
+        shape += format(" %s[%lld,%lld,%lld]", ggml_type_name(a->type), (long long) a->ne[0], (long long) a->ne[1],
+                        (long long) a->ne[2]);
+    }
+    for (auto * row : {&p->ops[p->phase][p->op], &p->blocks[p->phase][p->block + " " + p->op],
+                       &p->shapes[p->phase][shape]}) {
         row->seconds += dt;
         row->nodes += 1;
     }
@@ -112,12 +120,14 @@ void print_profile(const OpProfile & p) {
             std::fprintf(stderr, "  by %s:\n", what);
             for (size_t i = 0; i < order.size() && i < max_rows; ++i) {
                 const auto & r = rows.at(order[i].second);
-                std::fprintf(stderr, "    %-36s %8.3f s %5.1f%% %8lld nodes\n", order[i].second.c_str(), r.seconds,
-                             100.0 * r.seconds / std::max(total, 1e-12), (long long) r.nodes);
+                std::fprintf(stderr, "    %-36s %8.3f s %5.1f%% %8lld nodes %9.1f us each\n", order[i].second.c_str(),
+                             r.seconds, 100.0 * r.seconds / std::max(total, 1e-12), (long long) r.nodes,
+                             1e6 * r.seconds / double(std::max<int64_t>(r.nodes, 1)));
             }
         };
         print("op", ops, 16);
         print("block and op", p.blocks.at(phase), 24);
+        print("block, op and operands", p.shapes.at(phase), 16);
     }
 }
 
@@ -447,7 +457,8 @@ void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_g
         ggml_backend_tensor_set(g.out_rows, out_rows.data(), 0, out_rows.size() * sizeof(int32_t));
     }
     if (s.profile != nullptr) {
-        s.profile->phase = int64_t(segs.size()) == n_group ? "decode" : "prefill";
+        const bool decode = std::all_of(segs.begin(), segs.end(), [](const Segment & sg) { return sg.n == 1; });
+        s.profile->phase = decode ? "decode" : "prefill";
         s.profile->steps[s.profile->phase] += 1;
     }
     if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
@@ -985,6 +996,8 @@ dsv4_session_stats session_stats(const dsv4_session & s) {
     }
     if (s.current != nullptr) {
         st.compute_bytes = ggml_backend_sched_get_buffer_size(s.current->sched.get(), s.backend.get());
+        st.n_graph_splits = ggml_backend_sched_get_n_splits(s.current->sched.get());
+        st.n_graph_copies = ggml_backend_sched_get_n_copies(s.current->sched.get());
     }
     return st;
 }
