@@ -31,6 +31,7 @@ struct OpProfile {
         int64_t nodes = 0;
     };
     const char * phase = "prefill";                  // "decode": one-token micro-batches
+    bool skip = false;                               // a graph's first two runs (one-time costs) are not counted
     std::map<std::string, int64_t> steps;           // micro-batches per phase
     std::map<std::string, std::map<std::string, Row>> ops, blocks;  // phase → op / block·op
     std::map<std::string, std::map<std::string, Row>> shapes;       // phase → block·op·operand shapes
@@ -72,7 +73,8 @@ size_t max_graph_nodes(const dsv4_hparams & hp) {
 // DSV4_PROFILE=1: time every node (through the scheduler's eval callback, which computes the
 // graph node by node: slower, but the split between ops is what matters) and print, when the
 // session ends, the totals per op and per block (the generated function that made the node,
-// see Scope), prefill and decode apart.
+// see Scope), prefill and decode apart. Each graph's first two runs are left out: they carry
+// one-time costs (allocations, library handles, CUDA graph capture).
 
 bool profile_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * p = static_cast<OpProfile *>(user_data);
@@ -85,6 +87,9 @@ bool profile_callback(ggml_tensor * t, bool ask, void * user_data) {
         if (p->block.empty()) {
             p->block = "(session)";
         }
+        return true;
+    }
+    if (p->skip) {
         return true;
     }
     const double dt = std::chrono::duration<double>(now - p->t0).count();
@@ -459,7 +464,8 @@ void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_g
     if (s.profile != nullptr) {
         const bool decode = std::all_of(segs.begin(), segs.end(), [](const Segment & sg) { return sg.n == 1; });
         s.profile->phase = decode ? "decode" : "prefill";
-        s.profile->steps[s.profile->phase] += 1;
+        s.profile->skip = ++g.n_runs <= 2;
+        s.profile->steps[s.profile->phase] += s.profile->skip ? 0 : 1;
     }
     if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
         s.current = nullptr;

@@ -34,6 +34,7 @@ struct CachedGraph {
     std::unique_ptr<Step> step;
     ggml_backend_sched_ptr sched;          // each graph keeps its own compute buffer
     uint64_t last_use = 0;
+    int64_t n_runs = 0;                    // micro-batches computed with it
 };
 
 // The ring rows a sequence needs to go on from position `pos` (its window's last n_swa − 1 tokens,
