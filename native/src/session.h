@@ -100,6 +100,9 @@ namespace dsv4 {
 
 std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_session_params & params);
 
+// The cached graph for `key` (graphs.cpp), built (evicting the least recently used) when there is none.
+CachedGraph & graph_for(dsv4_session & s, const GraphKey & key);
+
 // Bytes of the persistent state of n_seq sequence slots of n_ctx tokens (what create_session
 // allocates), and of one slot (*per_slot).
 uint64_t state_bytes(const dsv4_hparams & hp, const dsv4_session_params & params, uint64_t * per_slot = nullptr);

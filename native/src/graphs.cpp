@@ -1,0 +1,123 @@
+// The session's graph cache: a micro-batch's graph is built from its plan (the generated blocks
+// over the runtime's Step) and kept for later micro-batches whose plan has the same key.
+#include "session.h"
+
+#include "blocks.h"
+#include "error.h"
+#include "profile.h"
+
+#include <algorithm>
+#include <cstdlib>
+
+namespace dsv4 {
+
+namespace {
+
+constexpr size_t kMaxCachedGraphs = 6;
+
+size_t max_graph_nodes(const dsv4_hparams & hp) {
+    return 4096 + size_t(hp.n_layer_all) * 1024;
+}
+
+// Builds and allocates the graph of s.plan: embedding, the trunk layers, the output head of the
+// rows whose logits are wanted, then the cache writes and the deferred ring overwrites (after
+// every read of the old rings).
+std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key) {
+    const dsv4_model & m = *s.model;
+    const dsv4_hparams & hp = m.hp;
+    auto g = std::make_unique<CachedGraph>();
+    g->key = key;
+    const size_t max_nodes = max_graph_nodes(hp) + size_t(key.segment_lengths.size()) * hp.n_layer * 64;
+    const size_t mem = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
+    g->mem.resize(mem);
+    g->ctx.reset(ggml_init({mem, g->mem.data(), true}));
+    if (g->ctx == nullptr) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot create the graph context");
+    }
+    ggml_context * ctx = g->ctx.get();
+    g->graph = ggml_new_graph_custom(ctx, max_nodes, false);
+    g->step = std::make_unique<Step>(ctx, hp, s.layers, s.plan);
+    Step & st = *g->step;
+    // our flash-attention form (F32 keys, attention sinks) is a CPU path; CUDA uses the
+    // matmul + softmax form, which ggml-cuda covers for every head size
+    st.flash_attn = s.params.flash_attn && s.cpu == nullptr;
+    st.cpu = s.cpu == nullptr;
+
+    ggml_tensor * X = embed(st, m.weights);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        if (il + 1 == hp.n_layer) {
+            // computed in every graph (the last layer's kv needs it), with or without logits
+            g->health = ggml_sum(ctx, X);
+            ggml_set_output(g->health);
+            ggml_build_forward_expand(g->graph, g->health);
+        }
+        X = layer(st, m.weights.layers[il], il, X);
+    }
+    if (key.n_out > 0) {
+        if (key.n_out < st.n_tokens) {  // only the rows whose logits are wanted, before the HC head (§3.9)
+            g->out_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, key.n_out);
+            ggml_set_input(g->out_rows);
+            ggml_tensor * flat = ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], X->ne[2]);
+            X = ggml_reshape_3d(ctx, ggml_get_rows(ctx, flat, g->out_rows), X->ne[0], X->ne[1], key.n_out);
+        }
+        g->logits = output_head(st, m.weights, X);
+        ggml_set_output(g->logits);
+        ggml_build_forward_expand(g->graph, g->logits);
+    }
+    // Graph order is expansion order. Every ring overwrite must come after every read of the old
+    // ring: expand the cache writes, then the rows each overwrite writes (whose inputs reach all
+    // earlier layers, and so all their ring reads), and only then the overwrites themselves.
+    for (ggml_tensor * t : st.effects()) {
+        ggml_build_forward_expand(g->graph, t);
+    }
+    for (ggml_tensor * t : st.deferred()) {
+        ggml_build_forward_expand(g->graph, t->src[0]);
+    }
+    for (ggml_tensor * t : st.deferred()) {
+        ggml_build_forward_expand(g->graph, t);
+    }
+    // the scheduler runs each op on the backend of its weights; the CPU comes last (CUDA
+    // sessions: routed experts kept in host memory run there)
+    ggml_backend_t backends[2] = {s.backend.get(), s.cpu.get()};
+    const int n_backends = s.cpu != nullptr ? 2 : 1;
+    g->sched.reset(ggml_backend_sched_new(backends, nullptr, n_backends, max_nodes, false, false));
+    if (g->sched == nullptr) {
+        fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
+    }
+    if (s.profile != nullptr) {
+        ggml_backend_sched_set_eval_callback(g->sched.get(), profile_callback, s.profile.get());
+    }
+    if (!ggml_backend_sched_alloc_graph(g->sched.get(), g->graph)) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
+    }
+    s.n_graph_builds += 1;
+    if (std::getenv("DSV4_GRAPH_STATS") != nullptr) {
+        print_graph_stats(g->graph, s.plan.n_tokens);
+    }
+    return g;
+}
+
+// The cached graph for `key`, built (evicting the least recently used) when there is none.
+}  // namespace
+
+CachedGraph & graph_for(dsv4_session & s, const GraphKey & key) {
+    CachedGraph * found = nullptr;
+    for (auto & g : s.graphs) {
+        if (g->key == key) {
+            found = g.get();
+        }
+    }
+    if (found == nullptr) {
+        if (s.graphs.size() >= kMaxCachedGraphs) {
+            auto lru = std::min_element(s.graphs.begin(), s.graphs.end(),
+                                        [](const auto & a, const auto & b) { return a->last_use < b->last_use; });
+            s.graphs.erase(lru);
+        }
+        s.graphs.push_back(build_graph(s, key));
+        found = s.graphs.back().get();
+    }
+    found->last_use = ++s.use_clock;
+    return *found;
+}
+
+}  // namespace dsv4
