@@ -184,50 +184,6 @@ DSV4_API const char * dsv4_version(void);
  * imatrix: n_per_row importance weights, required by the IQ2/IQ1 types). *written = bytes. */
 DSV4_API dsv4_status dsv4_quantize(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row,
                                    const float * imatrix, void * dst, size_t dst_capacity, size_t * written);
-/* Runs our fused compressor pooling op (native/ops/ops.h) once on `backend` with n_threads CPU
- * threads (for tests of each implementation against the reference). ring_kv, ring_score: width ×
- * ring_rows floats; kv, score: width × n_tokens; rows: members·n_blocks rows of concat(ring, batch);
- * out: d × n_blocks floats, d = width / 2 with `overlap` (the first members/2 members of a block
- * read features [0, d), the rest [d, 2d)), else d = width. */
-DSV4_API dsv4_status dsv4_op_compress_pool(int32_t backend, int32_t n_threads, int64_t width, int64_t ring_rows,
-                                           int64_t n_tokens, int64_t n_blocks, int64_t members, bool overlap,
-                                           const float * ring_kv, const float * kv, const float * ring_score,
-                                           const float * score, const int32_t * rows, float * out);
-/* Runs our fused indexer top-k mask op (native/ops/ops.h) once on `backend`: scores, out: n × T
- * floats (column t: query t); out is 0 at the k highest finite scores of each column (ties: the
- * lower index) and -inf elsewhere. */
-DSV4_API dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
-                                       const float * scores, float * out);
-/* Runs our top-k selection op (native/ops/ops.h; CPU only) once: scores: n × T floats (column t:
- * query t); out: k × T block indices, the k highest scores of each column in no particular order
- * (ties: the lower index). */
-DSV4_API dsv4_status dsv4_op_topk_rows(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
-                                       const float * scores, int32_t * out);
-/* Runs our fused lightning-indexer scores op (native/ops/ops.h) once on `backend`: q: head_dim ×
- * n_head × n_tokens floats; keys: n_rows rows of head_dim values of ggml type key_type (f32, f16,
- * bf16 or q8_0); weights: n_head × n_tokens; mask: n_keys × n_tokens (0 or -inf); base: n_tokens
- * first key rows, or NULL (0); out: n_keys × n_tokens,
- * out[t][j] = sum_h weights[t][h]·max(0, q[t][h]·keys[base[t] + j]) + mask[t][j]. */
-DSV4_API dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
-                                            int64_t n_tokens, int64_t n_keys, int64_t n_rows, int32_t key_type,
-                                            const float * q, const void * keys, const float * weights,
-                                            const float * mask, const int32_t * base, float * out);
-/* Runs our fused decode attention op (native/ops/ops.h) once on `backend` for n_queries queries:
- * q: head_dim × n_head × n_queries floats; sinks: n_head; ring: n_ring_rows rows and cache:
- * n_cache_rows rows of head_dim values of ggml type key_type (f32, f16, bf16 or q8_0); fresh:
- * head_dim × n_queries floats (each query's own key); ring_mask: (n_ring + 1) × n_queries additive
- * mask values (per query its n_ring ring rows', then its own key's); bases: 2 × n_queries (per query
- * its first ring row and first cache row), or NULL (0); cache_mask: n_picked × n_queries values with
- * cache_idx (picked rows, counted from the query's first cache row), else n_cache × n_queries;
- * n_cache_rows = 0: no cache. out: head_dim × n_head × n_queries, the softmax (with one sink logit
- * per head) of scale·q·k + mask over each query's keys, applied to them. */
-DSV4_API dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
-                                           int64_t n_queries, int64_t n_ring, int64_t n_ring_rows, int64_t n_cache,
-                                           int64_t n_cache_rows, int64_t n_picked, int32_t key_type, float scale,
-                                           const float * q, const float * sinks, const void * ring,
-                                           const float * fresh, const float * ring_mask, const int32_t * bases,
-                                           const void * cache, const float * cache_mask, const int32_t * cache_idx,
-                                           float * out);
 /* Block size (elements) and block bytes of a ggml type; 0 for types that do not exist. */
 DSV4_API dsv4_status dsv4_type_size(int32_t type, int64_t * block_size, size_t * block_bytes);
 DSV4_API const char * dsv4_last_error(void);
@@ -307,6 +263,55 @@ DSV4_API dsv4_status dsv4_session_state_size(const dsv4_session * session, int32
 DSV4_API dsv4_status dsv4_session_save_state(const dsv4_session * session, int32_t seq, void * dst, size_t capacity,
                                              size_t * written);
 DSV4_API dsv4_status dsv4_session_load_state(dsv4_session * session, int32_t seq, const void * src, size_t size);
+
+
+/* ---- For tests only, not part of the API (they may change in any release): each of our fused ops
+ * (native/ops/ops.h) run once, alone, on a backend, so that every implementation can be checked
+ * against the float64 reference (tests/test_ops.py). */
+/* Runs our fused compressor pooling op (native/ops/ops.h) once on `backend` with n_threads CPU
+ * threads (for tests of each implementation against the reference). ring_kv, ring_score: width ×
+ * ring_rows floats; kv, score: width × n_tokens; rows: members·n_blocks rows of concat(ring, batch);
+ * out: d × n_blocks floats, d = width / 2 with `overlap` (the first members/2 members of a block
+ * read features [0, d), the rest [d, 2d)), else d = width. */
+DSV4_API dsv4_status dsv4_op_compress_pool(int32_t backend, int32_t n_threads, int64_t width, int64_t ring_rows,
+                                           int64_t n_tokens, int64_t n_blocks, int64_t members, bool overlap,
+                                           const float * ring_kv, const float * kv, const float * ring_score,
+                                           const float * score, const int32_t * rows, float * out);
+/* Runs our fused indexer top-k mask op (native/ops/ops.h) once on `backend`: scores, out: n × T
+ * floats (column t: query t); out is 0 at the k highest finite scores of each column (ties: the
+ * lower index) and -inf elsewhere. */
+DSV4_API dsv4_status dsv4_op_topk_mask(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
+                                       const float * scores, float * out);
+/* Runs our top-k selection op (native/ops/ops.h; CPU only) once: scores: n × T floats (column t:
+ * query t); out: k × T block indices, the k highest scores of each column in no particular order
+ * (ties: the lower index). */
+DSV4_API dsv4_status dsv4_op_topk_rows(int32_t backend, int32_t n_threads, int64_t n, int64_t n_tokens, int64_t k,
+                                       const float * scores, int32_t * out);
+/* Runs our fused lightning-indexer scores op (native/ops/ops.h) once on `backend`: q: head_dim ×
+ * n_head × n_tokens floats; keys: n_rows rows of head_dim values of ggml type key_type (f32, f16,
+ * bf16 or q8_0); weights: n_head × n_tokens; mask: n_keys × n_tokens (0 or -inf); base: n_tokens
+ * first key rows, or NULL (0); out: n_keys × n_tokens,
+ * out[t][j] = sum_h weights[t][h]·max(0, q[t][h]·keys[base[t] + j]) + mask[t][j]. */
+DSV4_API dsv4_status dsv4_op_indexer_scores(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
+                                            int64_t n_tokens, int64_t n_keys, int64_t n_rows, int32_t key_type,
+                                            const float * q, const void * keys, const float * weights,
+                                            const float * mask, const int32_t * base, float * out);
+/* Runs our fused decode attention op (native/ops/ops.h) once on `backend` for n_queries queries:
+ * q: head_dim × n_head × n_queries floats; sinks: n_head; ring: n_ring_rows rows and cache:
+ * n_cache_rows rows of head_dim values of ggml type key_type (f32, f16, bf16 or q8_0); fresh:
+ * head_dim × n_queries floats (each query's own key); ring_mask: (n_ring + 1) × n_queries additive
+ * mask values (per query its n_ring ring rows', then its own key's); bases: 2 × n_queries (per query
+ * its first ring row and first cache row), or NULL (0); cache_mask: n_picked × n_queries values with
+ * cache_idx (picked rows, counted from the query's first cache row), else n_cache × n_queries;
+ * n_cache_rows = 0: no cache. out: head_dim × n_head × n_queries, the softmax (with one sink logit
+ * per head) of scale·q·k + mask over each query's keys, applied to them. */
+DSV4_API dsv4_status dsv4_op_attend_decode(int32_t backend, int32_t n_threads, int64_t head_dim, int64_t n_head,
+                                           int64_t n_queries, int64_t n_ring, int64_t n_ring_rows, int64_t n_cache,
+                                           int64_t n_cache_rows, int64_t n_picked, int32_t key_type, float scale,
+                                           const float * q, const float * sinks, const void * ring,
+                                           const float * fresh, const float * ring_mask, const int32_t * bases,
+                                           const void * cache, const float * cache_mask, const int32_t * cache_idx,
+                                           float * out);
 
 /* cffi-end */
 
