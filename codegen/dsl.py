@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 
 class DslError(Exception):
@@ -561,11 +560,9 @@ class Model:
         return out
 
 
-def prod(xs: Iterable[int]) -> int:
-    return math.prod(xs)
 
 
 __all__ = [
     "DslError", "Expr", "Const", "Sym", "BinOp", "Not", "Select", "select", "lift", "LAYER",
-    "TRUE", "Kind", "HParam", "Derived", "Check", "DType", "TensorDecl", "Model", "prod",
+    "TRUE", "Kind", "HParam", "Derived", "Check", "DType", "TensorDecl", "Model",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import jinja2
 
-from .dsl import Check, Derived, DslError, HParam, Kind, Model, TensorDecl
+from .dsl import Check, Derived, DslError, HParam, Kind, Model, Not, TensorDecl
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -260,9 +260,12 @@ def block_function(model: Model, blk, variant) -> dict:
 def block_dispatcher(blk) -> dict:
     name = blk.name
     cases = []
-    for v in blk.variants:
+    for i, v in enumerate(blk.variants):
         args = ", ".join(["s", "L", "il"] + [p[0] for p in blk.params])
-        cases.append((unparen(v.when.cpp()), f"{blk.c_name(v)}({args})"))
+        # the last of two complementary variants (`c` and `~c`) needs no test and leaves no case
+        exhaustive = (i == 1 and len(blk.variants) == 2 and isinstance(v.when, Not)
+                      and v.when.a is blk.variants[0].when)
+        cases.append((None if exhaustive else unparen(v.when.cpp()), f"{blk.c_name(v)}({args})"))
     return {"name": name, "signature": block_signature(blk, name, None), "cases": cases,
             "comment": f"{blk.spec} {blk.name}: picks the variant of layer il"}
 

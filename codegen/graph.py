@@ -391,18 +391,6 @@ class Builder:
         return self._emit(name or x.name + "_r", shape, f"ggml_reshape_{len(shape)}d(ctx, {{}}, {dims})",
                           x, dtype=x.dtype)
 
-    def rows(self, x: Value, start: Any, n: Any, name: str | None = None) -> Value:
-        """Elements [start, start+n) of ne0 of a 1-D or 2-D tensor (a view)."""
-        self._tensor(x, "rows input")
-        self._check(len(x.shape) in (1, 2), f"rows: {x!r} must be 1-D or 2-D")
-        st, cnt = self.dim(start), self.dim(n)
-        offset = "0" if st == "0" else st + " * ggml_element_size({0})"
-        if len(x.shape) == 1:
-            return self._emit(name or x.name + "_rows", (lift(n),),
-                              "ggml_view_1d(ctx, {0}, " + cnt + ", " + offset + ")", x)
-        return self._emit(name or x.name + "_rows", (lift(n), x.dim(1)),
-                          "ggml_view_2d(ctx, {0}, " + cnt + ", {0}->ne[1], {0}->nb[1], " + offset + ")", x)
-
     # --- hyper-connections (fused ggml ops, §3.2) ---------------------------------------------------
     def hc_gates(self, mixes: Value, scale: Value, base: Value) -> tuple[Value, Value]:
         """The stream weights of §3.2 steps 4–5 from the first 2·HC mixes, computed together:
@@ -491,11 +479,6 @@ class Builder:
              comment: str = "") -> Value:
         """A call into the hand-written runtime (native/src/step.h); `fmt` placeholders are args."""
         return self._emit(base, shape, fmt, *args, dtype=dtype, comment=comment, ctype=ctype)
-
-    def field(self, v: Value, member: str, shape, dtype: str = "f32", name: str | None = None) -> Value:
-        """A member of a struct value returned by the runtime or another block."""
-        self._check(v.shape is None, f"field: {v!r} is not a struct")
-        return self._emit(name or member, shape, "{}." + member, v, dtype=dtype)
 
     def invoke(self, block: "Block", *args: Value, variant: str | None = None, name: str | None = None):
         """Calls another generated block: the named variant, or else its dispatcher (which picks

@@ -268,3 +268,16 @@ def test_v4_blocks_have_one_function_per_variant():
     assert {"attention_swa", "attention_csa", "attention_hca", "moe_hash", "moe_routed",
             "compress_csa", "compress_hca", "compress_indexer", "hc_pre", "layer", "embed",
             "output_head", "indexer"} == names
+
+
+def test_dispatchers_fail_only_where_a_layer_can_match_no_variant():
+    """Two complementary variants (hash / score routing) cover every layer: the second needs no
+    test and the dispatcher no failure path; the attention variants (ratios 0, 4, 128) leave one
+    for a ratio the loader did not reject."""
+    from codegen.v4 import BLOCKS
+    blocks = render(MODEL, BLOCKS)["native/generated/blocks.cpp"]
+    moe = blocks[blocks.index("ggml_tensor * moe(Step & s"):]
+    moe = moe[:moe.index("\n}\n")]
+    assert "return moe_routed(s, L, il, x);" in moe and "fail(" not in moe and moe.count("if (") == 1
+    attention = blocks[blocks.index("ggml_tensor * attention(Step & s"):]
+    assert 'fail(DSV4_ERR_INTERNAL, "attention: no variant' in attention[:attention.index("\n}\n")]

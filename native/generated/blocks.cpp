@@ -393,10 +393,7 @@ ggml_tensor * moe(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x
     if ((il < hp.n_hash_layers) && !(il >= hp.n_layer)) {
         return moe_hash(s, L, il, x);
     }
-    if (!((il < hp.n_hash_layers) && !(il >= hp.n_layer))) {
-        return moe_routed(s, L, il, x);
-    }
-    fail(DSV4_ERR_INTERNAL, "moe: no variant for layer %u", unsigned(il));
+    return moe_routed(s, L, il, x);
 }
 
 }  // namespace dsv4
