@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .cli import backend_kwargs
+from .cli_options import backend_kwargs
 from .model import CACHE_TYPES, Model
 
 ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}

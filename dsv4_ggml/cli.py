@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_options import ProgressBar, add_backend_arguments, backend_kwargs, run_parsed
+
 
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -13,47 +15,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-class ProgressBar:
-    """A load progress bar on stderr (redrawn in place on a terminal, one final line otherwise)."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self.last = -1
-
-    def __call__(self, fraction: float) -> bool:
-        pct = int(fraction * 100)
-        if self.tty and pct != self.last:
-            bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-            sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}%")
-            if pct == 100:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        self.last = pct
-        return True
-
-
-def add_backend_arguments(p) -> None:
-    """--backend, -ngl, --experts-on-host, --repack/--no-repack (run, chat, bench, serve)."""
-    p.add_argument("--backend", default="cpu", choices=("cpu", "cuda"), help="compute backend (default cpu)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
-                   help="CUDA: trunk layers whose weights go to the GPU (default: all)")
-    p.add_argument("--experts-on-host", action="store_true",
-                   help="CUDA: keep the routed experts in host memory and run them on the CPU")
-    p.add_argument("--repack", default="auto", choices=("auto", "amx", "interleaved", "none"),
-                   help="CPU: layout of the quantized matrices: auto (AMX where the CPU has it, routed experts "
-                        "included; else ggml's interleaved layout for the others), amx, interleaved, none (read "
-                        "every weight in place); default auto")
-    p.add_argument("--no-repack", dest="repack", action="store_const", const="none",
-                   help="same as --repack none")
-
-
-def backend_kwargs(args) -> dict:
-    """The Model keyword arguments of add_backend_arguments' options."""
-    return dict(backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
-                repack=args.repack)
 
 
 def _open_model(path: str, ctx: int, threads: int | None, prefetch: bool = True, **kwargs):
@@ -253,18 +214,20 @@ def cmd_version(args) -> int:
     return 0
 
 
-def _lazy(module: str, parser) -> None:
-    """Adds the options of dsv4_ggml.<module> (add_arguments / run_args or run); the module is
-    imported when the parser is built, its heavy dependencies only when it runs."""
+def _lazy(module: str, parser, argv: list[str] | None) -> None:
+    """The options of dsv4_ggml.<module> (its add_arguments, then run_args or run), added only when
+    `argv` runs that command: other commands never import the module."""
+    command = next((a for a in argv or [] if not a.startswith("-")), None)
+    if command != parser.prog.split()[-1]:
+        return
     import importlib
 
     mod = importlib.import_module(f".{module}", __package__)
     mod.add_arguments(parser)
-    runner = getattr(mod, "run_args", None) or mod.run
-    parser.set_defaults(fn=runner)
+    parser.set_defaults(fn=getattr(mod, "run_args", None) or mod.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4-ggml", description="DeepSeek-V4 inference on ggml")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -337,12 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve /v1/completions, /v1/chat/completions (SSE streaming) and "
                                     "/v1/models. Requests are queued and run one at a time.")
-    _lazy("server", sv)
+    _lazy("server", sv, argv)
 
     cv = sub.add_parser("convert", help="convert an official DeepSeek-V4 checkpoint (safetensors) to GGUF",
                         description="Convert the official FP8/FP4 safetensors checkpoint into a GGUF in "
                                     "llama.cpp's DeepSeek-V4 format, one tensor at a time.")
-    _lazy("convert", cv)
+    _lazy("convert", cv, argv)
 
     v = sub.add_parser("version", help="print versions", description="Print versions.")
     v.set_defaults(fn=cmd_version)
@@ -350,16 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import Dsv4Error
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.fn(args) or 0)
-    except Dsv4Error as e:
-        print(f"dsv4-ggml {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_parsed(build_parser(argv), argv)
 
 
 if __name__ == "__main__":

@@ -1093,7 +1093,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    from .cli import ProgressBar
+    from .cli_options import ProgressBar
 
     st = convert(args.hf_dir, args.out, outtype=args.outtype, experts=args.experts, mtp=args.mtp,
                  progress=ProgressBar("converting"))
@@ -1106,9 +1106,13 @@ def run_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dsv4_ggml.convert ...`: the same as `dsv4-ggml convert ...`."""
-    from .cli import main as cli_main
+    from .cli_options import run_parsed
 
-    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="dsv4-ggml convert", description="Convert an official DeepSeek-V4 "
+                                     "checkpoint (safetensors) to GGUF.")
+    add_arguments(parser)
+    parser.set_defaults(fn=run_args)
+    return run_parsed(parser, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

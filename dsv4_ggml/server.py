@@ -77,8 +77,7 @@ except ImportError as e:   # pragma: no cover - depends on the environment
     _MISSING_DEPS = f"{e}"
     StreamingResponse = object
 
-from .cli import add_backend_arguments, backend_kwargs
-from .cli import main as cli_main
+from .cli_options import add_backend_arguments, backend_kwargs, run_parsed
 from .errors import ContextOverflowError, Dsv4Error, InvalidArgumentError, OutOfMemoryError, StateError
 
 log = logging.getLogger("uvicorn.error")
@@ -772,7 +771,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dsv4_ggml.server ...`: the same as `dsv4-ggml serve ...`."""
-    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="dsv4-ggml serve", description="Serve a DeepSeek-V4 model over HTTP.")
+    add_arguments(parser)
+    parser.set_defaults(fn=run)
+    return run_parsed(parser, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
