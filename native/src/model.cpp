@@ -96,58 +96,70 @@ size_t physical_memory_bytes() {
 // non-expert weights but the token embedding a plain copy (when they fit). Progress is
 // reported by bytes over both; `prefetch` also reads every host page now, so that the first
 // tokens do not stall on page faults.
-void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
-    const GgufFile & f = *m.file;
-    const dsv4_model_params & p = m.params;
-    uint8_t * base = const_cast<uint8_t *>(f.map());
+// Where each bound weight goes: an index into `bufts` (a copy of that buffer type), or -1 (read in
+// place from the mapped file); the bytes each buffer type needs.
+struct Placement {
+    std::vector<ggml_backend_buffer_type_t> bufts;
+    std::vector<int> target;
+    std::vector<size_t> bytes;
+};
 
-    m.weights_buf = ggml_backend_cpu_buffer_from_ptr(base, size_t(f.file_size()));
+Placement plan_placement(const dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
+    const dsv4_model_params & p = m.params;
+    Placement pl;
+    pl.bufts = copy_buffer_types(p);
+    pl.target.assign(bound.size(), -1);
+    pl.bytes.assign(pl.bufts.size(), 0);
+    for (size_t i = 0; i < bound.size(); ++i) {
+        ggml_backend_buffer_type_t buft = weight_buffer_type(p, m.hp, pl.bufts, bound[i].tensor, bound[i].info->name);
+        if (buft == nullptr) {
+            continue;
+        }
+        const auto k = size_t(std::find(pl.bufts.begin(), pl.bufts.end(), buft) - pl.bufts.begin());
+        GGML_ASSERT(k < pl.bufts.size());
+        pl.target[i] = int(k);
+        pl.bytes[k] += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor), ggml_backend_buft_get_alignment(buft));
+    }
+    // the plain copies (weights as they are, for huge pages) are only a speed-up: where they would
+    // take more than a quarter of this machine's memory, those weights are read in place instead
+    const auto plain = size_t(std::find(pl.bufts.begin(), pl.bufts.end(), ggml_backend_cpu_buffer_type()) - pl.bufts.begin());
+    if (plain < pl.bufts.size() && pl.bytes[plain] > physical_memory_bytes() / 4) {
+        std::replace(pl.target.begin(), pl.target.end(), int(plain), -1);
+        pl.bytes[plain] = 0;
+    }
+    return pl;
+}
+
+// Places the weights read in place in the mapped file, allocates one buffer per buffer type for
+// the copies and places them there; returns the bytes copied.
+size_t allocate_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound, const Placement & pl) {
+    const dsv4_model_params & p = m.params;
+    uint8_t * base = const_cast<uint8_t *>(m.file->map());
+    m.weights_buf = ggml_backend_cpu_buffer_from_ptr(base, size_t(m.file->file_size()));
     if (m.weights_buf == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a backend buffer");
     }
     ggml_backend_buffer_set_usage(m.weights_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-
-    // each copied weight's buffer type (an index into bufts; -1: placed in the mapped file)
-    const std::vector<ggml_backend_buffer_type_t> bufts = copy_buffer_types(p);
-    std::vector<int> target(bound.size(), -1);
-    std::vector<size_t> bytes(bufts.size(), 0);
     for (size_t i = 0; i < bound.size(); ++i) {
-        ggml_backend_buffer_type_t buft = weight_buffer_type(p, m.hp, bufts, bound[i].tensor, bound[i].info->name);
-        if (buft == nullptr) {
-            continue;
-        }
-        const auto k = size_t(std::find(bufts.begin(), bufts.end(), buft) - bufts.begin());
-        GGML_ASSERT(k < bufts.size());
-        target[i] = int(k);
-        bytes[k] += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor), ggml_backend_buft_get_alignment(buft));
-    }
-    // the plain copies (weights as they are, for huge pages) are only a speed-up: where they would
-    // take more than a quarter of this machine's memory, those weights are read in place instead
-    const auto plain = size_t(std::find(bufts.begin(), bufts.end(), ggml_backend_cpu_buffer_type()) - bufts.begin());
-    if (plain < bufts.size() && bytes[plain] > physical_memory_bytes() / 4) {
-        std::replace(target.begin(), target.end(), int(plain), -1);
-        bytes[plain] = 0;
-    }
-    for (size_t i = 0; i < bound.size(); ++i) {
-        if (target[i] < 0 &&
+        if (pl.target[i] < 0 &&
             ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) != GGML_STATUS_SUCCESS) {
             fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
         }
     }
-    size_t device_bytes = 0;
-    for (size_t k = 0; k < bufts.size(); ++k) {
-        if (bytes[k] == 0) {
+    size_t copied = 0;
+    for (size_t k = 0; k < pl.bufts.size(); ++k) {
+        if (pl.bytes[k] == 0) {
             continue;
         }
-        device_bytes += bytes[k];
-        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(bufts[k], bytes[k]);
+        copied += pl.bytes[k];
+        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(pl.bufts[k], pl.bytes[k]);
         if (buf == nullptr) {
             if (p.backend == DSV4_BACKEND_CPU) {
                 fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the weights copied at load (repack=False reads "
-                     "them in place)", double(bytes[k]) / 1048576.0);
+                     "them in place)", double(pl.bytes[k]) / 1048576.0);
             }
             fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of device memory for the weights (lower n_gpu_layers "
-                 "or keep the experts on the host)", double(bytes[k]) / 1048576.0);
+                 "or keep the experts on the host)", double(pl.bytes[k]) / 1048576.0);
         }
         m.copy_bufs.push_back(buf);
         if (p.backend == DSV4_BACKEND_CPU) {  // every copy on the CPU is in host memory
@@ -156,34 +168,39 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         ggml_tallocr ta = ggml_tallocr_new(buf);
         for (size_t i = 0; i < bound.size(); ++i) {
-            if (target[i] == int(k) && ggml_tallocr_alloc(&ta, bound[i].tensor) != GGML_STATUS_SUCCESS) {
+            if (pl.target[i] == int(k) && ggml_tallocr_alloc(&ta, bound[i].tensor) != GGML_STATUS_SUCCESS) {
                 fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s' in a %s buffer", bound[i].info->name.c_str(),
-                     ggml_backend_buft_name(bufts[k]));
+                     ggml_backend_buft_name(pl.bufts[k]));
             }
         }
     }
+    return copied;
+}
 
-    if (device_bytes == 0 && !p.prefetch && p.progress == nullptr) {
-        return;
-    }
+// Copies the weights into their buffers (releasing the mapped pages each came from), reads the
+// others once when prefetching, and reports progress (which may cancel the load).
+void fill_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound, const Placement & pl) {
+    const GgufFile & f = *m.file;
+    const dsv4_model_params & p = m.params;
+    const uint8_t * base = f.map();
     uint64_t total = 0, done = 0;
     for (const WeightBinder::Bound & b : bound) {
         total += b.info->nbytes;
     }
     if (p.prefetch) {
-        madvise(base, size_t(f.file_size()), MADV_WILLNEED);
+        madvise(const_cast<uint8_t *>(base), size_t(f.file_size()), MADV_WILLNEED);
     }
     const long page = sysconf(_SC_PAGESIZE);
     volatile uint8_t sink = 0;
     for (size_t i = 0; i < bound.size(); ++i) {
         const GgufTensorInfo & ti = *bound[i].info;
-        if (target[i] >= 0) {
+        if (pl.target[i] >= 0) {
             ggml_backend_tensor_set(bound[i].tensor, base + ti.offset, 0, ti.nbytes);
             // the copy is all the graph reads: release the mapped pages it came from
             const uint64_t lo = (ti.offset + uint64_t(page) - 1) / uint64_t(page) * uint64_t(page);
             const uint64_t hi = (ti.offset + ti.nbytes) / uint64_t(page) * uint64_t(page);
             if (hi > lo) {
-                madvise(base + lo, size_t(hi - lo), MADV_DONTNEED);
+                madvise(const_cast<uint8_t *>(base) + lo, size_t(hi - lo), MADV_DONTNEED);
             }
         } else if (p.prefetch) {
             for (uint64_t o = 0; o < ti.nbytes; o += uint64_t(page)) {
@@ -196,6 +213,14 @@ void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & boun
         }
     }
     (void) sink;
+}
+
+void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
+    const Placement pl = plan_placement(m, bound);
+    const size_t copied = allocate_weights(m, bound, pl);
+    if (copied > 0 || m.params.prefetch || m.params.progress != nullptr) {
+        fill_weights(m, bound, pl);
+    }
 }
 
 }  // namespace
