@@ -20,6 +20,7 @@ class GenerationChunk:
     token: int
     text: str
     finish_reason: str | None = None
+    stop: str | None = None          # the stop string that ended generation, if one did
 
 
 class StopMatcher:
@@ -29,12 +30,13 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None      # the stop string found
 
     def push(self, text: str) -> str:
         self.pending += text
         hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
         if hits:
-            at = min(h[0] for h in hits)
+            at, self.matched = min(hits)
             out, self.pending, self.stopped = self.pending[:at], "", True
             return out
         hold = 0
@@ -52,32 +54,58 @@ class StopMatcher:
         return out
 
 
+class TokenGenerator:
+    """One generation's sampling, detokenizing and stop checks, driven by whoever evaluates the
+    model (`stream_tokens` below, or the server's batched scheduler): `next(logits, history,
+    n_past)` samples the token after a sequence of `n_past` tokens whose last logits are given
+    and returns its chunk; a chunk with a `finish_reason` is the last, any other must be
+    evaluated before the next call. Both drivers go through this one path, so a batched request
+    makes exactly the tokens and text it makes alone."""
+
+    def __init__(self, tokenizer, n_ctx: int, max_tokens: int, params: SamplingParams, stop: Iterable[str] = ()):
+        if max_tokens < 1:
+            raise InvalidArgumentError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.sampler = Sampler(params)
+        self.eos_id = tokenizer.eos_id
+        self.n_ctx = n_ctx
+        self.max_tokens = max_tokens
+        self.decoder = StreamDecoder(tokenizer)
+        self.stopper = StopMatcher(stop)
+        self.n_generated = 0
+
+    def next(self, logits, history: Sequence[int], n_past: int) -> GenerationChunk:
+        t = self.sampler.sample(logits, history)
+        self.n_generated += 1
+        decoder, stopper = self.decoder, self.stopper
+        if t == self.eos_id:
+            return GenerationChunk(t, stopper.push(decoder.flush()) + stopper.flush(), "stop")
+        text = stopper.push(decoder.push(t))
+        if stopper.stopped:
+            return GenerationChunk(t, text, "stop", stopper.matched)
+        if self.n_generated == self.max_tokens or n_past + 1 >= self.n_ctx:
+            return GenerationChunk(t, text + stopper.push(decoder.flush()) + stopper.flush(), "length")
+        return GenerationChunk(t, text)
+
+
+def check_prompt_fits(n_tokens: int, n_ctx: int) -> None:
+    if n_tokens == 0:
+        raise InvalidArgumentError("the prompt is empty")
+    if n_tokens >= n_ctx:
+        raise ContextOverflowError(f"the prompt has {n_tokens} tokens; n_ctx is {n_ctx}")
+
+
 def stream_tokens(model, tokens: Sequence[int], max_tokens: int, params: SamplingParams,
                   stop: Iterable[str] = ()) -> Iterator[GenerationChunk]:
     """Feeds `tokens` (reusing the session's matching prefix) and samples up to `max_tokens`."""
-    if max_tokens < 1:
-        raise InvalidArgumentError(f"max_tokens must be at least 1, got {max_tokens}")
-    if len(tokens) >= model.n_ctx:
-        raise ContextOverflowError(f"the prompt has {len(tokens)} tokens; n_ctx is {model.n_ctx}")
-    sampler = Sampler(params)
-    tok = model.tokenizer
+    gen = TokenGenerator(model.tokenizer, model.n_ctx, max_tokens, params, stop)
+    check_prompt_fits(len(tokens), model.n_ctx)
     logits = model._feed(list(tokens))
-    decoder = StreamDecoder(tok)
-    stopper = StopMatcher(stop)
-    for i in range(max_tokens):
-        t = sampler.sample(logits, model._tokens)
-        if t == tok.eos_id:
-            yield GenerationChunk(t, stopper.push(decoder.flush()) + stopper.flush(), "stop")
+    while True:
+        c = gen.next(logits, model._tokens, model.n_past)
+        yield c
+        if c.finish_reason:
             return
-        text = stopper.push(decoder.push(t))
-        if stopper.stopped:
-            yield GenerationChunk(t, text, "stop")
-            return
-        if i == max_tokens - 1 or model.n_past + 1 >= model.n_ctx:
-            yield GenerationChunk(t, text + stopper.push(decoder.flush()) + stopper.flush(), "length")
-            return
-        yield GenerationChunk(t, text)
-        logits = model.eval([t], logits="last")[0]
+        logits = model.eval([c.token], logits="last")[0]
 
 
 def _completion_id(prefix: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutOfMemoryError
 from .sampling import SamplingParams
 
 BACKENDS = {"cpu": 0, "cuda": 1}
@@ -50,6 +50,21 @@ def _struct_to_dict(ffi, hp) -> dict[str, Any]:
     return out
 
 
+AUTO_N_SEQ = 4      # the sequences n_seq="auto" asks for
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class Model:
     """A DeepSeek-V4 GGUF model, opened and validated by the native engine.
 
@@ -72,15 +87,22 @@ class Model:
     live in process memory); "amx" and "interleaved" use only
     that layout, False ("none") reads every weight from the mapped file in place (`tensors`
     shows where each weight lives).
+
+    `n_seq` sequence slots (each with its own state, for `eval_batch`, `truncate`, `copy_seq`);
+    `"auto"`: 4 when their state takes at most half of the memory available after loading,
+    else 1 (the server's default).
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
                  backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
                  flash_attn: bool = True, prefetch: bool = False, progress=None,
                  n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool | str = True,
-                 n_seq: int = 1, n_rollback: int = 32, checkpoint_interval: int = 1024, n_checkpoints: int = 8):
+                 n_seq: int | str = 1, n_rollback: int = 32, checkpoint_interval: int = 1024, n_checkpoints: int = 8):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        auto_seq = n_seq == "auto"
+        if auto_seq:
+            n_seq = AUTO_N_SEQ
         for name, value in (("n_seq", n_seq), ("n_rollback", n_rollback),
                             ("checkpoint_interval", checkpoint_interval), ("n_checkpoints", n_checkpoints)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -146,7 +168,15 @@ class Model:
         sp.checkpoint_interval, sp.n_checkpoints = checkpoint_interval, n_checkpoints
         sess = ffi.new("dsv4_session **")
         try:
-            _native.check(lib.dsv4_session_create(self._model, sp, sess))
+            if auto_seq:
+                n_seq = sp.n_seq = self._auto_n_seq(sp)
+            try:
+                _native.check(lib.dsv4_session_create(self._model, sp, sess))
+            except OutOfMemoryError:
+                if not auto_seq or n_seq == 1:
+                    raise
+                n_seq = sp.n_seq = 1
+                _native.check(lib.dsv4_session_create(self._model, sp, sess))
         except BaseException:
             self.close()
             raise
@@ -160,6 +190,14 @@ class Model:
         self._last: list[np.ndarray | None] = [None] * n_seq        # each one's last logits, when known
         self._tokenizer = None
         self._chat_template = None
+
+    def _auto_n_seq(self, sp) -> int:
+        """n_seq="auto": AUTO_N_SEQ sequences when their state takes at most half the memory
+        available now (after the weights), else 1 (and 1 if the allocation then fails)."""
+        out, slot = self._ffi.new("uint64_t *"), self._ffi.new("uint64_t *")
+        _native.check(self._lib.dsv4_model_state_bytes(self._model, sp, out, slot))
+        available = available_memory_bytes()
+        return AUTO_N_SEQ if available is None or int(out[0]) <= available // 2 else 1
 
     # --- inference ------------------------------------------------------------------------------
     def _seq(self, seq) -> int:

@@ -1,0 +1,312 @@
+"""The ASGI application: routes, authentication, and `respond`, which turns a run's events into a
+JSON body or an event stream for any API shape (OpenAI, Anthropic)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .errors import SHUTDOWN, RequestError, error_body, error_of
+from .openai_api import ChatFormat, CompletionFormat
+from .params import chat_args, flag, json_body, prompt, sampling, stream_flags
+from .prompts import Prompt, chat_prompt, text_prompt
+from .runner import Run
+from .scheduler import QueueFull, Scheduler
+
+log = logging.getLogger("uvicorn.error")
+
+OPEN_PATHS = ("/health", "/v1/health", "/metrics")     # never need the API key
+COMPLETION_DEFAULT_MAX_TOKENS = 16                     # OpenAI's (and vLLM's) default for /v1/completions
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class Context:
+    """What every route needs: the model, its scheduler and the serving options."""
+    model: Any
+    scheduler: Scheduler
+    model_id: str
+    default_max_tokens: int | None
+    n_ctx: int
+    created: int
+
+    def error_response(self, exc: BaseException, shape: Callable[[int, dict], dict] | None = None) -> Response:
+        status, body = error_of(exc)
+        if status >= 500:
+            log.error("request failed: %s", body["error"]["message"], exc_info=exc)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return JSONResponse(shape(status, body) if shape else body, status_code=status, headers=headers)
+
+
+class EventStream(StreamingResponse):
+    """text/event-stream whose run is cancelled however the response ends (done, disconnect, error)."""
+
+    def __init__(self, content, run: Run):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._run.cancel()
+
+
+async def _watch_disconnect(request: Request, run: Run) -> None:
+    """Cancels `run` when the client goes away before the response starts."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            run.cancel()
+            return
+
+
+def _log_run(kind: str, run: Run) -> None:
+    t = run.task
+    if t.started is None:
+        return
+    took = (t.finished or time.monotonic()) - t.started
+    n = len(t.generated)
+    log.info("%s: slot %s, prompt %d tokens (%d cached), %d generated in %.2f s (%.1f tokens/s), "
+             "waited %.2f s in the queue", kind, t.seq, t.prompt_tokens, t.cached_tokens, n, took,
+             n / max(took, 1e-9), t.started - t.created)
+
+
+async def respond(ctx: Context, request: Request, prompt_of: Callable[[], Prompt], sampling_kw: dict, fmt,
+                  stream: bool, shape: Callable[[int, dict], dict] | None = None, cache_prompt: bool = True) -> Response:
+    """Runs a generation and answers with `fmt`'s body, or with an event stream once the first
+    token (or the end) has come, so that errors found before it are plain HTTP errors."""
+    try:
+        p = await run_in_threadpool(prompt_of)
+        run = Run(ctx.scheduler, p.tokens, sampling_kw, p.forced, p.forced_text, p.force_after)
+        run.task.cache_prompt = cache_prompt
+        run.submit()
+    except QueueFull as e:
+        return ctx.error_response(RequestError(f"the server is busy: {e}; retry later", status=503,
+                                               type="server_error", code="overloaded"), shape)
+    except Exception as e:  # noqa: BLE001 - a bad prompt (too long, bad ids) or template failure
+        return ctx.error_response(e, shape)
+    fmt.task = run.task
+    watcher = asyncio.create_task(_watch_disconnect(request, run))
+    handed_off = False
+    try:
+        first: list[tuple[str, Any]] = []
+        while True:
+            kind, value = await run.next()
+            if kind == "error":
+                return ctx.error_response(value, shape)
+            if kind == "cancelled":
+                return _cancelled_response(ctx, shape)
+            first.append((kind, value))
+            if kind in ("token", "done"):
+                break
+        if not stream:
+            finish = "length"
+            for kind, value in first:
+                finish = _feed(fmt, kind, value, []) or finish
+            while not run.ended:
+                kind, value = await run.next()
+                if kind == "error":
+                    return ctx.error_response(value, shape)
+                if kind == "cancelled":
+                    return _cancelled_response(ctx, shape)
+                finish = _feed(fmt, kind, value, []) or finish
+            _log_run(fmt.kind, run)
+            return JSONResponse(fmt.body(finish, run.task.usage()))
+        handed_off = True
+        return EventStream(_events(ctx, fmt, run, first), run)
+    finally:
+        watcher.cancel()
+        if not handed_off:
+            run.cancel()
+
+
+def _feed(fmt, kind: str, value: Any, out: list[bytes]) -> str | None:
+    """Passes one event's text to the formatter; returns the finish reason it carries, if any."""
+    if kind == "forced":
+        out += fmt.text(value)
+    elif kind == "token":
+        out += fmt.text(value.text)
+        if value.stop is not None:
+            fmt.stop_sequence = value.stop
+        return value.finish_reason
+    return None
+
+
+def _cancelled_response(ctx: Context, shape) -> Response:
+    if ctx.scheduler.closing:
+        return JSONResponse(shape(503, SHUTDOWN) if shape else SHUTDOWN, status_code=503)
+    return Response(status_code=499)     # the client has gone: nobody reads this
+
+
+async def _events(ctx: Context, fmt, run: Run, first: list):
+    finish = "length"
+    for piece in fmt.head():
+        yield piece
+    pending = list(first)
+    while True:
+        kind, value = pending.pop(0) if pending else await run.next()
+        out: list[bytes] = []
+        finish = _feed(fmt, kind, value, out) or finish
+        for piece in out:
+            yield piece
+        if kind == "error":
+            status, body = error_of(value)
+            if status >= 500:
+                log.error("stream failed: %s", body["error"]["message"], exc_info=value)
+            yield fmt.error_event(body)
+            return
+        if kind == "cancelled":         # the client has gone, or the server is stopping
+            if ctx.scheduler.closing:
+                yield fmt.error_event(SHUTDOWN)
+            return
+        if kind == "done":
+            for piece in fmt.end(finish, run.task.usage()):
+                yield piece
+            _log_run(fmt.kind, run)
+            return
+
+
+# --- authentication ---------------------------------------------------------------------------------------
+class Auth:
+    """Pure-ASGI key check: `Authorization: Bearer KEY` or `x-api-key: KEY` (Anthropic's header)."""
+
+    def __init__(self, app, keys: list[str], anthropic_paths: tuple[str, ...] = ()):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.anthropic_paths = anthropic_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"] not in OPEN_PATHS:
+            headers = dict(scope["headers"])
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+            if not any(hmac.compare_digest(token, k) for k in self.keys):
+                message = "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')"
+                if scope["path"].startswith(self.anthropic_paths):
+                    body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
+                else:
+                    body = error_body(message, "authentication_error", code="invalid_api_key")
+                await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --- routes ---------------------------------------------------------------------------------------------------
+def _openai_routes(ctx: Context) -> list[tuple[str, Callable, str]]:
+    model = ctx.model
+
+    def model_card() -> dict:
+        hp = getattr(model, "hparams", {}) or {}
+        return {"id": ctx.model_id, "object": "model", "created": ctx.created, "owned_by": "dsv4-ggml",
+                "max_model_len": ctx.n_ctx,
+                "meta": {"n_ctx": ctx.n_ctx, "n_vocab": int(model.n_vocab), "n_ctx_train": hp.get("n_ctx_train"),
+                         "n_layer": hp.get("n_layer"), "backend": getattr(model, "backend", None),
+                         "n_parallel": len(ctx.scheduler.slots)}}
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model_info(request: Request) -> Response:
+        if request.path_params["model"] != ctx.model_id:
+            return JSONResponse(error_body(f"the model {request.path_params['model']!r} does not exist "
+                                           f"(this server serves {ctx.model_id!r})", "invalid_request_error",
+                                           "model", "model_not_found"), 404)
+        return JSONResponse(model_card())
+
+    async def completions(request: Request) -> Response:
+        try:
+            body = await json_body(request)
+            kw = sampling(body, ctx.default_max_tokens if ctx.default_max_tokens is not None
+                          else COMPLETION_DEFAULT_MAX_TOKENS, ctx.n_ctx)
+            p = prompt(body, int(model.n_vocab))
+            if body.get("suffix"):
+                raise RequestError("suffix (fill-in-the-middle) is not supported", "suffix")
+            echo = flag(body, "echo")
+            stream, include_usage = stream_flags(body)
+        except RequestError as e:
+            return ctx.error_response(e)
+        echo_text = (p if isinstance(p, str) else await run_in_threadpool(model.detokenize, p)) if echo else ""
+        fmt = CompletionFormat(ctx.model_id, echo_text, include_usage, return_tokens=flag(body, "return_tokens"))
+        return await respond(ctx, request, lambda: text_prompt(model, p), kw, fmt, stream,
+                             cache_prompt=flag(body, "cache_prompt", True))
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = await json_body(request)
+            kw = sampling(body, ctx.default_max_tokens, ctx.n_ctx)
+            chat = chat_args(body)
+            stream, include_usage = stream_flags(body)
+        except RequestError as e:
+            return ctx.error_response(e)
+        fmt = ChatFormat(ctx.model_id, chat["thinking"], chat["tools"], include_usage)
+        return await respond(ctx, request, lambda: chat_prompt(model, **chat), kw, fmt, stream,
+                             cache_prompt=flag(body, "cache_prompt", True))
+
+    return [("/models", models, "GET"), ("/models/{model:path}", model_info, "GET"),
+            ("/completions", completions, "POST"), ("/chat/completions", chat_completions, "POST")]
+
+
+def build_app(model, model_id: str | None = None, api_key: str | list[str] | None = None,
+              default_max_tokens: int | None = None, cors_origins: list[str] | None = None,
+              max_queue: int = 64) -> Starlette:
+    """The ASGI app serving `model` (a `dsv4_ggml.Model`; its `n_seq` sequences are the parallel
+    slots) under the id `model_id` (default: the file name without extension). `api_key`: one
+    key or a list (None: no check); `default_max_tokens`: the cap of requests that give none;
+    `cors_origins`: origins allowed by CORS (None: no CORS headers); `max_queue`: requests that
+    may wait for a slot (beyond: HTTP 503 with Retry-After)."""
+    from .anthropic_api import anthropic_routes
+    from .operations import operation_routes
+
+    scheduler = Scheduler(model, max_queue=max_queue)
+    ctx = Context(model=model, scheduler=scheduler, model_id=model_id or model.name,
+                  default_max_tokens=default_max_tokens, n_ctx=int(model.n_ctx), created=int(time.time()))
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", typ),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return ctx.error_response(exc)
+
+    routes = []
+    for prefix in ("/v1", ""):
+        for path, fn, method in _openai_routes(ctx) + operation_routes(ctx) + anthropic_routes(ctx):
+            if path == "/metrics" and prefix:
+                continue
+            routes.append(Route(prefix + path, fn, methods=[method]))
+    middleware = []
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                                     allow_headers=["*"]))
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    keys = [k for k in keys if k]
+    if keys:
+        middleware.append(Middleware(Auth, keys=keys, anthropic_paths=("/v1/messages", "/messages")))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        scheduler.shutdown()      # running and queued requests end at the next step
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.scheduler = scheduler
+    app.state.model_id = ctx.model_id
+    app.state.context = ctx
+    return app

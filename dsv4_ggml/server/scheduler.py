@@ -1,0 +1,323 @@
+"""Continuous batching over the model's sequence slots, with a prompt cache.
+
+One thread owns the model. Each running request (a `Task`) owns one sequence slot; every engine
+step is ONE `Model.eval_batch` call carrying every active slot's work: the last sampled token of
+each decoding request and prompt chunks of the requests still reading their prompt, up to
+`n_batch` tokens in all (decode tokens first, then prompt chunks in arrival order). A new request
+joins at the next step, a finished or cancelled one frees its slot at once; requests beyond the
+slots wait in a bounded queue (`QueueFull` beyond it).
+
+Prompt cache: a slot keeps the tokens it holds after its request ends. A new request goes to the
+idle slot whose tokens share the longest prefix with its prompt (ties: the least recently used),
+the slot is truncated to that prefix (`Model.truncate`, exact) and only the rest of the prompt is
+evaluated. Token ids come from tokenizing the whole prompt, as a cold run would, so a cached run
+evaluates the same tokens at the same positions as a cold one and gives the same logits.
+
+Sampling, detokenizing and stop strings go through `generation.TokenGenerator`, the same path as
+`Model.generate`, so a request makes the same tokens batched as alone.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..errors import ContextOverflowError, InvalidArgumentError, StateError
+from ..generation import GenerationChunk, TokenGenerator, check_prompt_fits
+from ..sampling import SamplingParams
+
+log = logging.getLogger("uvicorn.error")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the queue holds."""
+
+
+@dataclass
+class Task:
+    """One request's generation. `emit(kind, value)` is called on the scheduler thread with
+    ("start", info), ("forced", text), ("token", GenerationChunk), then one of ("done", None),
+    ("error", exception), ("cancelled", None)."""
+
+    tokens: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: Sequence[str]
+    emit: Callable[[str, Any], None]
+    forced: list[int] = field(default_factory=list)     # evaluated before generating (or after </think>)
+    forced_text: str = ""
+    force_after: list[int] | None = None                # the token ids that trigger `forced` (None: at once)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cache_prompt: bool = True          # False: evaluate the whole prompt (llama.cpp's cache_prompt)
+    # filled in by the scheduler
+    seq: int | None = None
+    cached_tokens: int = 0
+    evaluated_tokens: int = 0          # prompt tokens this request evaluated (cache misses + recomputed)
+    generated: list[int] = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    _gen: TokenGenerator | None = None
+    _pending: list[int] = field(default_factory=list)   # prompt (or forced) tokens not evaluated yet
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.tokens)
+
+    def usage(self) -> dict:
+        n = len(self.generated)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                "total_tokens": self.prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+@dataclass
+class Slot:
+    seq: int
+    task: Task | None = None
+    last_used: float = 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    """Runs tasks on `model` (a `Model` opened with `n_seq` slots) on its own thread."""
+
+    def __init__(self, model, max_queue: int = 64, n_batch: int | None = None):
+        self.model = model
+        self.n_ctx = int(model.n_ctx)
+        self.n_batch = int(n_batch or getattr(model, "n_ubatch", 512))
+        self.max_queue = max_queue
+        self.slots = [Slot(seq) for seq in range(int(model.n_seq))]
+        self.queue: collections.deque[Task] = collections.deque()
+        self._cv = threading.Condition()
+        self.closing = False
+        self.counters = collections.Counter()   # requests, served, cancelled, errors, tokens...
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()   # (time, tokens generated)
+        self._think_end = self._token_ids("</think>")
+        self._thread = threading.Thread(target=self._loop, name="dsv4-scheduler", daemon=True)
+        self._thread.start()
+
+    def _token_ids(self, text: str) -> list[int]:
+        try:
+            return self.model.tokenize(text, add_bos=False)
+        except Exception:       # noqa: BLE001 - a model without a tokenizer: no thinking-mode forcing
+            return []
+
+    # --- the request side (any thread) ---------------------------------------------------------------
+    def submit(self, task: Task) -> None:
+        """Queues `task` (raises QueueFull, or the prompt's error: too long, empty)."""
+        check_prompt_fits(len(task.tokens) + len(task.forced), self.n_ctx)
+        task._gen = TokenGenerator(self.model.tokenizer, self.n_ctx, task.max_tokens, task.params, task.stop)
+        with self._cv:
+            if self.closing:
+                raise QueueFull("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are waiting (the queue holds {self.max_queue})")
+            self.queue.append(task)
+            self.counters["requests"] += 1
+            self._cv.notify()
+
+    def wake(self) -> None:
+        """Call after setting a task's cancel flag: the scheduler drops it at its next step."""
+        with self._cv:
+            self._cv.notify()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self.closing = True
+            self._cv.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        return sum(s.task is not None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now, rate = time.monotonic(), list(self._rate)
+        recent = [(t, n) for t, n in rate if t >= now - window]
+        if len(recent) < 2:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / max(recent[-1][0] - recent[0][0], 1e-9)
+
+    def slot_info(self) -> list[dict]:
+        out = []
+        for s in self.slots:
+            t = s.task
+            out.append({"id": s.seq, "busy": t is not None, "n_tokens": len(self.model._seqs[s.seq]),
+                        "prompt_tokens": t.prompt_tokens if t else None,
+                        "cached_tokens": t.cached_tokens if t else None,
+                        "generated": len(t.generated) if t else None})
+        return out
+
+    # --- the scheduler thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self.closing and not self.queue and not self.active:
+                    self._cv.wait()
+                if self.closing:
+                    break
+                self._drop_cancelled_queued()
+                self._admit()
+            self._drop_cancelled_active()
+            if self.active:
+                self._step()
+        self._stop_all()
+
+    def _drop_cancelled_queued(self) -> None:
+        keep = collections.deque()
+        for t in self.queue:
+            if t.cancel.is_set():
+                self.counters["cancelled"] += 1
+                t.emit("cancelled", None)
+            else:
+                keep.append(t)
+        self.queue = keep
+
+    def _drop_cancelled_active(self) -> None:
+        for s in self.slots:
+            if s.task is not None and s.task.cancel.is_set():
+                self.counters["cancelled"] += 1
+                self._release(s, "cancelled", None)
+
+    def _stop_all(self) -> None:
+        with self._cv:
+            waiting, self.queue = list(self.queue), collections.deque()
+        for t in waiting:
+            t.emit("cancelled", None)
+        for s in self.slots:
+            if s.task is not None:
+                self._release(s, "cancelled", None)
+
+    def _admit(self) -> None:
+        """Moves queued tasks into idle slots: each to the slot sharing the longest prefix."""
+        while self.queue:
+            idle = [s for s in self.slots if s.task is None]
+            if not idle:
+                return
+            task = self.queue.popleft()
+            held = {s.seq: self.model._seqs[s.seq] for s in idle}
+            slot = max(idle, key=lambda s: (common_prefix(held[s.seq], task.tokens), -s.last_used))
+            try:
+                self._start(slot, task)
+            except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+                self._fail(slot, task, e)
+
+    def _start(self, slot: Slot, task: Task) -> None:
+        model, seq = self.model, slot.seq
+        keep = min(common_prefix(model._seqs[seq], task.tokens), len(task.tokens) - 1) if task.cache_prompt else 0
+        before = model.stats()["n_reevaluated"]
+        if len(model._seqs[seq]) > keep:
+            model.truncate(keep, seq=seq)
+        recomputed = model.stats()["n_reevaluated"] - before
+        slot.task, task.seq = task, seq
+        task.started = time.monotonic()
+        task.cached_tokens = max(0, keep - recomputed)
+        task.evaluated_tokens = recomputed
+        task._pending = list(task.tokens[keep:])
+        if task.forced and task.force_after is None:
+            task._pending += task.forced
+            task.emit("forced", task.forced_text)
+        self.counters["cached_tokens"] += task.cached_tokens
+        self.counters["cache_hits"] += task.cached_tokens > 0
+        task.emit("start", {"slot": seq, "cached_tokens": task.cached_tokens})
+
+    def _step(self) -> None:
+        model = self.model
+        batch: dict[int, list[int]] = {}
+        budget = self.n_batch
+        running = [s for s in self.slots if s.task is not None]
+        for s in running:               # decoding slots: one token each
+            if not s.task._pending:
+                batch[s.seq] = [s.task.generated[-1]]
+                budget -= 1
+        for s in sorted(running, key=lambda s: s.task.started):   # prompts, oldest first
+            if s.task._pending and budget > 0:
+                chunk = s.task._pending[:budget]
+                batch[s.seq] = chunk
+                budget -= len(chunk)
+        if not batch:
+            return
+        try:
+            out = model.eval_batch(batch, logits="last")
+        except Exception as e:  # noqa: BLE001 - fail the tasks of this step, keep serving the others
+            for s in running:
+                if s.seq in batch:
+                    self._fail(s, s.task, e)
+            return
+        self.counters["steps"] += 1
+        self._rate.append((time.monotonic(), self.counters["generated_tokens"]))
+        while len(self._rate) > 2 and self._rate[0][0] < self._rate[-1][0] - 10.0:
+            self._rate.popleft()
+        for s in running:
+            if s.seq not in batch:
+                continue
+            task = s.task
+            if task._pending:
+                n = len(batch[s.seq])
+                del task._pending[:n]
+                task.evaluated_tokens += n
+                self.counters["prompt_tokens_evaluated"] += n
+                if task._pending:
+                    continue
+            else:
+                self.counters["generated_tokens_evaluated"] += 1
+            self._sample(s, task, out[s.seq][0])
+
+    def _sample(self, slot: Slot, task: Task, logits) -> None:
+        held = self.model._seqs[slot.seq]
+        chunk: GenerationChunk = task._gen.next(logits, held, len(held))
+        task.generated.append(chunk.token)
+        if task.first_token is None:
+            task.first_token = time.monotonic()
+        self.counters["generated_tokens"] += 1
+        task.emit("token", chunk)
+        if chunk.finish_reason:
+            self.counters["served"] += 1
+            self._release(slot, "done", None)
+            return
+        after = task.force_after
+        if task.forced and after and task.generated[-len(after):] == after:
+            # e.g. the reasoning has ended: evaluate the sampled token, then the forced ones
+            task._pending = [chunk.token] + task.forced
+            task.force_after = None
+            task.forced = []
+            task.emit("forced", task.forced_text)
+
+    def _release(self, slot: Slot, kind: str, value: Any) -> None:
+        task = slot.task
+        slot.task = None
+        slot.last_used = time.monotonic()
+        if task is not None:
+            task.finished = time.monotonic()
+            task.emit(kind, value)
+
+    def _fail(self, slot: Slot, task: Task, exc: BaseException) -> None:
+        if not isinstance(exc, (InvalidArgumentError, ContextOverflowError, StateError)):
+            log.error("request failed in the engine: %s", exc, exc_info=exc)
+            try:                            # start this slot over from an empty, known state
+                self.model.reset(slot.seq)
+            except Exception:  # noqa: BLE001
+                pass
+        self.counters["errors"] += 1
+        slot.task = slot.task if slot.task is not task else None
+        task.finished = time.monotonic()
+        task.emit("error", exc)
