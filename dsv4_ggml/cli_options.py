@@ -1,5 +1,5 @@
 """What the commands share: the backend options, the progress bar, and running a parsed command
-with the CLI's error handling. A leaf module: the command modules (cli, bench, server, convert)
+with the CLI's error handling. A leaf module: the command modules (cli/, bench, server, convert/)
 import it, it imports none of them."""
 from __future__ import annotations
 

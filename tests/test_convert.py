@@ -882,6 +882,10 @@ def test_inference_config_fallback_and_cli(smooth, tmp_path, capsys):
     out = tmp_path / "cli.gguf"
     assert conv.main([str(ck), str(out), "--outtype", "f32"]) == 0
     assert "wrote" in capsys.readouterr().out
+    from dsv4_ggml.cli import main as cli_main          # `dsv4-ggml convert`: the same arguments, the same file
+    assert cli_main(["convert", str(ck), str(tmp_path / "cli2.gguf"), "--outtype", "f32"]) == 0
+    assert (tmp_path / "cli2.gguf").read_bytes() == out.read_bytes()
+    assert "wrote" in capsys.readouterr().out
     a = {t.name: np.array(t.data) for t in GGUFReader(str(out)).tensors}
     b = {t.name: np.array(t.data) for t in GGUFReader(str(smooth["f32"])).tensors}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

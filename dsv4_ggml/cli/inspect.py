@@ -1,0 +1,48 @@
+"""`dsv4-ggml inspect`: validate a model file and print what it holds."""
+from __future__ import annotations
+
+from .common import _human
+
+
+def add_arguments(i) -> None:
+    i.add_argument("model", help="a DeepSeek-V4 .gguf file")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument("--seqs", type=int, default=1, help="sequence slots of the session (default 1)")
+    i.add_argument("--ctx", type=int, nargs="*", default=[4096, 32768],
+                   help="context lengths to estimate memory for (default 4096 32768)")
+
+
+def run(args) -> int:
+    from ..model import Model
+
+    m = Model(args.model, n_ctx=1, repack=False)  # describes the file: no copies of its weights
+    hp = m.hparams
+    print(f"{args.model}: DeepSeek-V4 (deepseek4), {hp['n_layer']} layers"
+          f"{' + MTP' if hp['n_nextn'] else ''}, vocab {m.n_vocab}")
+    width = max(len(k) for k in hp)
+    for k, v in hp.items():
+        print(f"  {k:<{width}}  {v}")
+    tensors = m.tensors
+    total = sum(t.nbytes for t in tensors)
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        by_type[t.type] = by_type.get(t.type, 0) + t.nbytes
+    print(f"tensors: {len(tensors)}, {_human(total)} "
+          + "(" + ", ".join(f"{k} {_human(v)}" for k, v in sorted(by_type.items())) + ")")
+    for n_ctx in args.ctx:
+        if n_ctx > hp["n_ctx_train"]:
+            print(f"n_ctx {n_ctx}: exceeds the model's context length {hp['n_ctx_train']}")
+            continue
+        slot = m.estimate_state_bytes(n_ctx, per_slot=True)
+        state = m.estimate_state_bytes(n_ctx, n_seq=args.seqs)
+        print(f"memory at n_ctx {n_ctx}: weights {_human(total)} (mapped from the file) + session state "
+              f"{_human(state)} for {args.seqs} sequence{'s' if args.seqs > 1 else ''} ({_human(slot)} per "
+              f"sequence slot, {slot / n_ctx:.0f} bytes/token incl. fixed windows and rollback rings) + "
+              f"compute buffer")
+    if args.tensors:
+        nw = max(len(t.name) for t in tensors)
+        for t in tensors:
+            shape = "{" + ", ".join(str(x) for x in t.shape) + "}"
+            print(f"  {t.name:<{nw}}  {t.type:<8} {shape:<22} {_human(t.nbytes):>10}")
+    m.close()
+    return 0

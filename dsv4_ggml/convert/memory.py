@@ -1,0 +1,29 @@
+"""This process's memory (the converter's statistics)."""
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM; ru_maxrss where /proc is absent)."""
+    v = _proc_status_bytes("VmHWM")
+    if v is not None:
+        return v
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def rss_bytes() -> int | None:
+    return _proc_status_bytes("VmRSS")
