@@ -28,6 +28,7 @@ from ..errors import InvalidArgumentError
 from .errors import RequestError
 from .params import json_body, number
 from .prompts import chat_prompt
+from .respond import respond
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
@@ -288,8 +289,6 @@ class MessageFormat:
 
 
 def anthropic_routes(ctx) -> list[tuple[str, Any, str]]:
-    from .app import respond
-
     model = ctx.model
 
     async def messages(request: Request) -> Response:
