@@ -41,7 +41,7 @@ def server(tiny_model, tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.pop("DSV4_API_KEY", None)
     cmd = [sys.executable, "-m", "dsv4_ggml.server", "-m", str(tiny_model), "--port", str(port),
-           "-c", str(N_CTX), "-t", "1", "--api-key", KEY, "--alias", MODEL_ID]
+           "-c", str(N_CTX), "-t", "1", "--api-key", KEY, "--alias", MODEL_ID, "-np", "4"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -94,6 +94,13 @@ def _stream_text(stream) -> tuple[str, str | None, list]:
             text.append(piece or "")
             finish = c.finish_reason or finish
     return "".join(text), finish, chunks
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
 
 
 def _wait_idle(base: str, timeout: float = 10.0) -> dict:
@@ -358,3 +365,129 @@ def test_client_disconnect_does_not_wedge_the_session(server, client, long_promp
     assert h["cancelled"] == cancelled + 5, h
     # the session still gives the same greedy answers
     assert _chat(client, "Reference prompt", max_tokens=8).choices[0].message.content == reference
+
+
+# --- slots, batching and the prompt cache ------------------------------------------------------------------
+def _completion_tokens(server: str, body: dict) -> list[int]:
+    r = httpx.post(f"{server}/v1/completions", headers=_auth(), timeout=60,
+                   json={"model": MODEL_ID, "return_tokens": True, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["tokens"]
+
+
+def test_parallel_requests_get_what_they_get_alone(server):
+    assert httpx.get(f"{server}/health").json()["n_parallel"] == 4
+    jobs = [{"prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), "max_tokens": 24,
+             "temperature": 0.0 if i % 2 else 1.0, "seed": 100 + i} for i in range(8)]
+    alone = [_completion_tokens(server, dict(j, cache_prompt=False)) for j in jobs]
+    _wait_idle(server)
+    steps, generated = _metric(server, "dsv4_engine_steps_total"), _metric(server, "dsv4_generated_tokens_total")
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda j: _completion_tokens(server, j), jobs))
+    assert together == alone
+    # they ran together: the engine made fewer steps than the tokens it generated
+    steps = _metric(server, "dsv4_engine_steps_total") - steps
+    generated = _metric(server, "dsv4_generated_tokens_total") - generated
+    assert generated == sum(map(len, alone)) and steps < generated, (steps, generated)
+
+
+def test_prompt_cache_across_thinking_turns(server, client):
+    kw = dict(model=MODEL_ID, max_tokens=10, temperature=0)
+    thinking = {"chat_template_kwargs": {"thinking": True}}
+    messages = [{"role": "user", "content": "First question, please think."}]
+    reply = client.chat.completions.create(messages=messages, extra_body=thinking, **kw).choices[0].message
+    for turn in ("Second question?", "Third and last question?"):
+        messages += [{"role": "assistant", "content": reply.content,
+                      "reasoning_content": (reply.model_extra or {}).get("reasoning_content")},
+                     {"role": "user", "content": turn}]
+        before = _metric(server, "dsv4_prompt_tokens_evaluated_total")
+        warm = client.chat.completions.create(messages=messages, extra_body=thinking, **kw)
+        evaluated = _metric(server, "dsv4_prompt_tokens_evaluated_total") - before
+        cached = warm.usage.prompt_tokens_details.cached_tokens
+        assert cached > 0 and evaluated == warm.usage.prompt_tokens - cached < warm.usage.prompt_tokens
+        cold = client.chat.completions.create(messages=messages, extra_body=dict(thinking, cache_prompt=False), **kw)
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        assert cold.choices[0].message.model_dump() == warm.choices[0].message.model_dump()
+        reply = warm.choices[0].message
+
+
+def test_operations_endpoints(server):
+    ids = httpx.post(f"{server}/tokenize", headers=_auth(), json={"content": "Hello world"}).json()["tokens"]
+    assert ids and all(isinstance(t, int) for t in ids)
+    assert httpx.post(f"{server}/detokenize", headers=_auth(), json={"tokens": ids}).json()["content"] == "Hello world"
+    assert httpx.post(f"{server}/detokenize", headers=_auth(), json={"tokens": [10**9]}).status_code == 400
+    slots = httpx.get(f"{server}/slots", headers=_auth()).json()
+    assert [s["id"] for s in slots] == [0, 1, 2, 3] and all("n_tokens" in s for s in slots)
+    text = httpx.get(f"{server}/metrics").text          # no key needed, like /health
+    for name in ("dsv4_requests_total", "dsv4_queue_depth", "dsv4_slots_busy", "dsv4_prompt_tokens_cached_total",
+                 "dsv4_generated_tokens_per_second", "dsv4_prompt_cache_hits_total"):
+        assert f"\n{name} " in text, name
+
+
+def test_bad_input_keeps_the_server_serving(server, client):
+    big = b'{"prompt": "' + b"a" * (33 << 20) + b'"}'
+    r = httpx.post(f"{server}/v1/completions", headers=_auth(), content=big, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_auth(), timeout=30,
+                   content=b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}')
+    assert r.status_code == 400
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(10_000)]
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_auth(), timeout=60, json={"messages": many, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    for body in ({"messages": "hi"}, {"messages": [{"role": "user", "content": 5}]}, {"messages": USER, "stream": "yes"},
+                 {"messages": USER, "tools": "x"}, {"messages": USER, "seed": 1.5}):
+        r = httpx.post(f"{server}/v1/chat/completions", headers=_auth(), json=body, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+    assert _chat(client, "still serving?").choices[0].message.content is not None
+
+
+def test_full_queue_is_503_and_sigterm_ends_streams(tiny_model, long_prompt):
+    """One slot, a queue of one: a third request is refused with Retry-After; SIGTERM ends the
+    running stream with a shutdown error event and the queued request with 503, and the process
+    exits at once."""
+    import signal
+
+    port = _free_port()
+    env = dict(os.environ)
+    import dsv4_ggml
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dsv4_ggml.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4_ggml.server", "-m", str(tiny_model), "--port", str(port),
+                             "-c", str(N_CTX), "-t", "1", "-np", "1", "--queue-size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        long_job = {"prompt": long_prompt, "max_tokens": N_CTX - len(long_prompt) - 1, "temperature": 0}
+        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(1) as pool:
+            with http.stream("POST", f"{base}/v1/completions", json={**long_job, "stream": True}) as running:
+                lines = running.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                queued = pool.submit(httpx.post, f"{base}/v1/completions", json=long_job, timeout=60)
+                while httpx.get(f"{base}/health").json()["queued"] < 1:
+                    time.sleep(0.02)
+                refused = httpx.post(f"{base}/v1/completions", json=long_job, timeout=30)
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+                assert refused.json()["error"]["code"] == "overloaded"
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+                assert events and events[-1]["error"]["code"] == "server_shutdown"
+                assert queued.result().status_code == 503
+        assert proc.wait(timeout=15) in (0, -15)
+        assert time.monotonic() - t0 < 10
+        log = proc.stdout.read().decode()
+        assert "1 parallel slot" in log and "Traceback" not in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

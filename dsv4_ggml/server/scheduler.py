@@ -214,8 +214,11 @@ class Scheduler:
             if not idle:
                 return
             task = self.queue.popleft()
-            held = {s.seq: self.model._seqs[s.seq] for s in idle}
-            slot = max(idle, key=lambda s: (common_prefix(held[s.seq], task.tokens), -s.last_used))
+            if task.cache_prompt:       # the longest shared prefix, then the least recently used
+                held = {s.seq: self.model._seqs[s.seq] for s in idle}
+                slot = max(idle, key=lambda s: (common_prefix(held[s.seq], task.tokens), -s.last_used))
+            else:                       # a cold run: spare the caches most likely to be wanted
+                slot = min(idle, key=lambda s: s.last_used)
             try:
                 self._start(slot, task)
             except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
