@@ -29,43 +29,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+def _start_server(model_path, *args: str, log_path=None) -> tuple[subprocess.Popen, str]:
+    """A server subprocess on a free port (the same dsv4_ggml as this test process), once /health answers."""
     import dsv4_ggml
 
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ)
-    # the server imports the same dsv4_ggml as this test process (a checkout or the installed one)
     root = os.path.dirname(os.path.dirname(os.path.abspath(dsv4_ggml.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.pop("DSV4_API_KEY", None)
-    cmd = [sys.executable, "-m", "dsv4_ggml.server", "-m", str(tiny_model), "--port", str(port),
-           "-c", str(N_CTX), "-t", "1", "--api-key", KEY, "--alias", MODEL_ID, "-np", "4"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    cmd = [sys.executable, "-m", "dsv4_ggml.server", "-m", str(model_path), "--port", str(port),
+           "-c", str(N_CTX), "-t", "1", *args]
+    out = open(log_path, "wb") if log_path else subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if log_path:
+        out.close()
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{_log_of(proc, log_path)}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not answer /health in 60 s:\n{_log_of(proc, log_path)}")
+        time.sleep(0.1)
+
+
+def _log_of(proc, log_path=None) -> str:
+    return open(log_path).read() if log_path else proc.stdout.read().decode()
+
+
+def _stop(proc) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer /health in 60 s:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    proc, base = _start_server(tiny_model, "--api-key", KEY, "--alias", MODEL_ID, "-np", "4", log_path=log_path)
+    try:
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     assert proc.returncode in (0, -15), log_path.read_text()
     assert "Traceback" not in log_path.read_text(), log_path.read_text()
 
@@ -447,26 +462,8 @@ def test_full_queue_is_503_and_sigterm_ends_streams(tiny_model, long_prompt):
     exits at once."""
     import signal
 
-    port = _free_port()
-    env = dict(os.environ)
-    import dsv4_ggml
-    root = os.path.dirname(os.path.dirname(os.path.abspath(dsv4_ggml.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4_ggml.server", "-m", str(tiny_model), "--port", str(port),
-                             "-c", str(N_CTX), "-t", "1", "-np", "1", "--queue-size", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = _start_server(tiny_model, "-np", "1", "--queue-size", "1")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
         long_job = {"prompt": long_prompt, "max_tokens": N_CTX - len(long_prompt) - 1, "temperature": 0}
         with httpx.Client(timeout=60) as http, ThreadPoolExecutor(1) as pool:
             with http.stream("POST", f"{base}/v1/completions", json={**long_job, "stream": True}) as running:
@@ -491,3 +488,36 @@ def test_full_queue_is_503_and_sigterm_ends_streams(tiny_model, long_prompt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_disk_prompt_cache_survives_restarts(tiny_model, tmp_path):
+    """--cache-dir: a restarted server restores a slot state saved by the previous one (same
+    tokens out as a cold run); a foreign file and a damaged state are skipped with a log line."""
+    cache = tmp_path / "cache"
+    prompt = "The history of the printing press begins in the fifteenth century, when"
+    job = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_tokens": True}
+
+    def one_run(expect_cached: bool) -> tuple[list[int], str]:
+        proc, base = _start_server(tiny_model, "-np", "1", "--cache-dir", str(cache))
+        try:
+            r = httpx.post(f"{base}/v1/completions", json=job, timeout=60).json()
+            assert (r["usage"]["prompt_tokens_details"]["cached_tokens"] > 0) == expect_cached, r["usage"]
+            hits = _metric(base, "dsv4_disk_cache_hits_total")
+            assert hits == (1 if expect_cached else 0)
+        finally:
+            _stop(proc)
+        return r["choices"][0]["tokens"], _log_of(proc)
+
+    cold, _ = one_run(False)
+    saved = list(cache.glob("*.dsv4cache"))
+    assert len(saved) == 1
+    (cache / "foreign.dsv4cache").write_bytes(b"not a cache file at all")
+    warm, log = one_run(True)
+    assert warm == cold
+    assert "ignoring foreign.dsv4cache" in log
+    data = bytearray(saved[0].read_bytes())
+    data[-64:] = bytes(64)                    # damage the state's tail: its checksum fails
+    saved[0].write_bytes(bytes(data))
+    again, log = one_run(False)
+    assert again == cold
+    assert f"ignoring {saved[0].name}" in log and "Traceback" not in log

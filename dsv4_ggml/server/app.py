@@ -111,16 +111,21 @@ def _openai_routes(ctx: Context) -> list[tuple[str, Callable, str]]:
 
 def build_app(model, model_id: str | None = None, api_key: str | list[str] | None = None,
               default_max_tokens: int | None = None, cors_origins: list[str] | None = None,
-              max_queue: int = 64) -> Starlette:
+              max_queue: int = 64, cache_dir: str | None = None, cache_bytes: int = 8 << 30) -> Starlette:
     """The ASGI app serving `model` (a `dsv4_ggml.Model`; its `n_seq` sequences are the parallel
     slots) under the id `model_id` (default: the file name without extension). `api_key`: one
     key or a list (None: no check); `default_max_tokens`: the cap of requests that give none;
     `cors_origins`: origins allowed by CORS (None: no CORS headers); `max_queue`: requests that
-    may wait for a slot (beyond: HTTP 503 with Retry-After)."""
+    may wait for a slot (beyond: HTTP 503 with Retry-After); `cache_dir`: keep slot states on disk
+    (at most `cache_bytes`) so the prompt cache survives restarts."""
     from .anthropic_api import anthropic_routes
     from .operations import operation_routes
 
-    scheduler = Scheduler(model, max_queue=max_queue)
+    disk_cache = None
+    if cache_dir:
+        from .disk_cache import DiskCache, model_identity
+        disk_cache = DiskCache(cache_dir, cache_bytes, model_identity(model))
+    scheduler = Scheduler(model, max_queue=max_queue, disk_cache=disk_cache)
     ctx = Context(model=model, scheduler=scheduler, model_id=model_id or model.name,
                   default_max_tokens=default_max_tokens, n_ctx=int(model.n_ctx), created=int(time.time()))
 
@@ -152,6 +157,8 @@ def build_app(model, model_id: str | None = None, api_key: str | list[str] | Non
     async def lifespan(app):
         yield
         scheduler.shutdown()      # running and queued requests end at the next step
+        if disk_cache is not None:
+            disk_cache.close()    # pending writes land
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -33,11 +33,13 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
           backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16", flash_attn: bool = True,
           default_max_tokens: int | None = None, cors_origins: list[str] | None = None,
           log_level: str = "info", n_gpu_layers: int | None = None, experts_on_host: bool = False,
-          repack: bool | str = True, parallel: int | str = "auto", max_queue: int = 64) -> None:
+          repack: bool | str = True, parallel: int | str = "auto", max_queue: int = 64,
+          cache_dir: str | None = None, cache_mib: int = 8192) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C / SIGTERM). `model_path` None:
     the embedded tiny random model (a demo). `parallel`: sequence slots that generate at once
     (continuous batching); "auto": 4 when their state fits in half the free memory, else 1.
-    `max_queue`: requests that may wait for a slot."""
+    `max_queue`: requests that may wait for a slot. `cache_dir`: slot states saved there (at most
+    `cache_mib` MiB, least recently used first out) and restored on a prefix hit, across restarts."""
     _require_deps()
     import uvicorn
 
@@ -58,7 +60,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
             import shutil
             shutil.rmtree(os.path.dirname(model_path), ignore_errors=True)
     app = build_app(model, model_id=model_id, api_key=api_key, default_max_tokens=default_max_tokens,
-                    cors_origins=cors_origins, max_queue=max_queue)
+                    cors_origins=cors_origins, max_queue=max_queue, cache_dir=cache_dir, cache_bytes=cache_mib << 20)
     slot_mib = model.estimate_state_bytes(n_ctx, per_slot=True) / 2**20
     print(f"serving {app.state.model_id!r} (n_ctx {n_ctx}, {backend}, {model.n_seq} parallel slot"
           f"{'s' if model.n_seq > 1 else ''} of {slot_mib:.1f} MiB{' (auto)' if parallel == 'auto' else ''}, "
@@ -101,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default auto: 4 when their state fits in half the free memory, else 1)")
     parser.add_argument("--queue-size", type=int, default=64,
                         help="requests that may wait for a slot; beyond, HTTP 503 with Retry-After (default 64)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="save slot states here and restore them on a prompt-prefix hit, across restarts")
+    parser.add_argument("--cache-size", type=int, default=8192,
+                        help="MiB the --cache-dir may hold; least recently used states go first (default 8192)")
     parser.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     parser.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
     parser.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")
@@ -130,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads, api_key=keys,
           model_id=args.alias, n_ubatch=args.ubatch, cache_type=args.cache_type,
           flash_attn=not args.no_flash_attn, default_max_tokens=args.n_predict, cors_origins=args.cors_origin,
-          log_level=args.log_level, parallel=args.parallel, max_queue=args.queue_size, **backend_kwargs(args))
+          log_level=args.log_level, parallel=args.parallel, max_queue=args.queue_size,
+          cache_dir=args.cache_dir, cache_mib=args.cache_size, **backend_kwargs(args))
     return 0
 
 

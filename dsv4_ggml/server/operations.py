@@ -19,6 +19,7 @@ COUNTERS = (   # scheduler counter, metric name, help
     ("cached_tokens", "prompt_tokens_cached", "prompt tokens reused from a slot's cache"),
     ("generated_tokens", "generated_tokens", "tokens generated"),
     ("cache_hits", "prompt_cache_hits", "requests that reused at least one cached prompt token"),
+    ("disk_cache_hits", "disk_cache_hits", "slot states restored from --cache-dir"),
     ("steps", "engine_steps", "batched engine steps"),
 )
 

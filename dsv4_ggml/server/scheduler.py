@@ -63,6 +63,7 @@ class Task:
     finished: float | None = None
     _gen: TokenGenerator | None = None
     _pending: list[int] = field(default_factory=list)   # prompt (or forced) tokens not evaluated yet
+    _save_at: int | None = None        # --cache-dir: save the slot's state when it holds this many tokens
 
     @property
     def prompt_tokens(self) -> int:
@@ -94,8 +95,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Scheduler:
     """Runs tasks on `model` (a `Model` opened with `n_seq` slots) on its own thread."""
 
-    def __init__(self, model, max_queue: int = 64, n_batch: int | None = None):
+    def __init__(self, model, max_queue: int = 64, n_batch: int | None = None, disk_cache=None):
         self.model = model
+        self.disk_cache = disk_cache           # a DiskCache (--cache-dir) or None
         self.n_ctx = int(model.n_ctx)
         self.n_batch = int(n_batch or getattr(model, "n_ubatch", 512))
         self.max_queue = max_queue
@@ -224,8 +226,31 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
                 self._fail(slot, task, e)
 
+    def _restore_from_disk(self, seq: int, task: Task) -> None:
+        """Loads the saved state sharing a longer prefix with the prompt than the slot holds."""
+        path, n = self.disk_cache.best(task.tokens)
+        if path is None or n <= common_prefix(self.model._seqs[seq], task.tokens):
+            return
+        blob = self.disk_cache.load(path)
+        if blob is None:
+            return
+        try:
+            self.model.load_state(blob, seq=seq)
+            self.counters["disk_cache_hits"] += 1
+        except (StateError, InvalidArgumentError, ContextOverflowError) as e:
+            self.disk_cache.forget(path, str(e))      # foreign or damaged: the slot is unchanged
+
+    def _save_to_disk(self, seq: int, task: Task) -> None:
+        task._save_at = None
+        try:
+            self.disk_cache.save(self.model._seqs[seq], self.model.save_state(seq))
+        except Exception as e:  # noqa: BLE001 - the cache is an optimization: log and go on
+            log.warning("prompt cache: could not save slot %d: %s", seq, e)
+
     def _start(self, slot: Slot, task: Task) -> None:
         model, seq = self.model, slot.seq
+        if self.disk_cache is not None and task.cache_prompt:
+            self._restore_from_disk(seq, task)
         keep = min(common_prefix(model._seqs[seq], task.tokens), len(task.tokens) - 1) if task.cache_prompt else 0
         before = model.stats()["n_reevaluated"]
         if len(model._seqs[seq]) > keep:
@@ -236,6 +261,10 @@ class Scheduler:
         task.cached_tokens = max(0, keep - recomputed)
         task.evaluated_tokens = recomputed
         task._pending = list(task.tokens[keep:])
+        if self.disk_cache is not None and task.cache_prompt and self.disk_cache.wants(task.tokens[:-1]):
+            # the prompt but its last token: a later request with this prompt, or one extending it,
+            # goes on from there without a rollback (a loaded state cannot roll back)
+            task._save_at = len(task.tokens) - 1
         if task.forced and task.force_after is None:
             task._pending += task.forced
             task.emit("forced", task.forced_text)
@@ -254,7 +283,10 @@ class Scheduler:
                 budget -= 1
         for s in sorted(running, key=lambda s: s.task.started):   # prompts, oldest first
             if s.task._pending and budget > 0:
-                chunk = s.task._pending[:budget]
+                n = budget
+                if s.task._save_at is not None and len(model._seqs[s.seq]) < s.task._save_at:
+                    n = min(n, s.task._save_at - len(model._seqs[s.seq]))
+                chunk = s.task._pending[:n]
                 batch[s.seq] = chunk
                 budget -= len(chunk)
         if not batch:
@@ -274,6 +306,8 @@ class Scheduler:
             if s.seq not in batch:
                 continue
             task = s.task
+            if task._save_at is not None and len(model._seqs[s.seq]) == task._save_at:
+                self._save_to_disk(s.seq, task)
             if task._pending:
                 n = len(batch[s.seq])
                 del task._pending[:n]
