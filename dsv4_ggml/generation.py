@@ -74,7 +74,10 @@ class TokenGenerator:
         self.n_generated = 0
 
     def next(self, logits, history: Sequence[int], n_past: int) -> GenerationChunk:
-        t = self.sampler.sample(logits, history)
+        return self.accept(self.sampler.sample(logits, history), n_past)
+
+    def accept(self, t: int, n_past: int) -> GenerationChunk:
+        """The chunk of token `t`, chosen by the caller (a verified draft), after n_past tokens."""
         self.n_generated += 1
         decoder, stopper = self.decoder, self.stopper
         if t == self.eos_id:
@@ -95,8 +98,12 @@ def check_prompt_fits(n_tokens: int, n_ctx: int) -> None:
 
 
 def stream_tokens(model, tokens: Sequence[int], max_tokens: int, params: SamplingParams,
-                  stop: Iterable[str] = ()) -> Iterator[GenerationChunk]:
-    """Feeds `tokens` (reusing the session's matching prefix) and samples up to `max_tokens`."""
+                  stop: Iterable[str] = (), draft=None) -> Iterator[GenerationChunk]:
+    """Feeds `tokens` (reusing the session's matching prefix) and samples up to `max_tokens`.
+    `draft`: a `speculative.Drafting` (speculative decoding: the same stream, fewer steps)."""
+    if draft is not None:
+        yield from draft.stream(model, tokens, max_tokens, params, stop)
+        return
     gen = TokenGenerator(model.tokenizer, model.n_ctx, max_tokens, params, stop)
     check_prompt_fits(len(tokens), model.n_ctx)
     logits = model._feed(list(tokens))
@@ -113,7 +120,7 @@ def _completion_id(prefix: str) -> str:
 
 
 def completion(model, prompt: str | Sequence[int], stream: bool, max_tokens: int, params: SamplingParams,
-               stop: Iterable[str], echo: bool = False) -> Any:
+               stop: Iterable[str], echo: bool = False, draft=None) -> Any:
     """OpenAI `text_completion` dict, or an iterator of its chunks when `stream`."""
     tokens = model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
     cid, created, name = _completion_id("cmpl"), int(time.time()), model.name
@@ -127,12 +134,12 @@ def completion(model, prompt: str | Sequence[int], stream: bool, max_tokens: int
         def gen() -> Iterator[dict]:
             if prefix:
                 yield chunk(prefix, None)
-            for c in stream_tokens(model, tokens, max_tokens, params, stop):
+            for c in stream_tokens(model, tokens, max_tokens, params, stop, draft):
                 if c.text or c.finish_reason:
                     yield chunk(c.text, c.finish_reason)
         return gen()
     pieces, finish, n = [], "length", 0
-    for c in stream_tokens(model, tokens, max_tokens, params, stop):
+    for c in stream_tokens(model, tokens, max_tokens, params, stop, draft):
         pieces.append(c.text)
         n += 1
         finish = c.finish_reason or finish
@@ -143,7 +150,7 @@ def completion(model, prompt: str | Sequence[int], stream: bool, max_tokens: int
 
 def chat_completion(model, messages: Sequence[dict], stream: bool, max_tokens: int, params: SamplingParams,
                     stop: Iterable[str], thinking: bool, tools: Sequence[dict] | None,
-                    template_vars: dict[str, Any]) -> Any:
+                    template_vars: dict[str, Any], draft=None) -> Any:
     """OpenAI `chat.completion` dict, or an iterator of `chat.completion.chunk` dicts."""
     text = model.chat_template.render(messages, add_generation_prompt=True, thinking=thinking, tools=tools,
                                       **template_vars)
@@ -157,7 +164,7 @@ def chat_completion(model, messages: Sequence[dict], stream: bool, max_tokens: i
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             yield chunk({"role": "assistant", "content": ""}, None)
             in_reasoning = thinking
-            for c in stream_tokens(model, tokens, max_tokens, params, stop):
+            for c in stream_tokens(model, tokens, max_tokens, params, stop, draft):
                 piece = c.text
                 while piece:
                     if in_reasoning:
@@ -173,7 +180,7 @@ def chat_completion(model, messages: Sequence[dict], stream: bool, max_tokens: i
         return gen()
 
     pieces, finish, n = [], "length", 0
-    for c in stream_tokens(model, tokens, max_tokens, params, stop):
+    for c in stream_tokens(model, tokens, max_tokens, params, stop, draft):
         pieces.append(c.text)
         n += 1
         finish = c.finish_reason or finish

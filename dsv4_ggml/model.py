@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ class TensorInfo:
     offset: int
     nbytes: int
     placement: str = "mapped"   # "mapped" (read in place from the file) or the buffer it was copied into
+    file: int = 0               # index into `Model.files` of the file holding it (a split model's part)
 
 
 def _struct_to_dict(ffi, hp) -> dict[str, Any]:
@@ -51,6 +53,12 @@ def _struct_to_dict(ffi, hp) -> dict[str, Any]:
 
 
 AUTO_N_SEQ = 4      # the sequences n_seq="auto" asks for
+_SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")   # a part of a split GGUF (gguf-split's names)
+
+
+def _model_name(path: str) -> str:
+    """The file's name without .gguf, and without the part number of a split model."""
+    return _SPLIT_SUFFIX.sub("", os.path.splitext(os.path.basename(path))[0])
 
 
 def available_memory_bytes() -> int | None:
@@ -185,7 +193,7 @@ class Model:
         self.n_ctx = n_ctx
         self.n_ubatch = n_ubatch
         self.n_seq = n_seq
-        self.name = os.path.splitext(os.path.basename(self.path))[0]
+        self.name = _model_name(self.path)
         self._seqs: list[list[int]] = [[] for _ in range(n_seq)]    # the tokens each sequence holds
         self._last: list[np.ndarray | None] = [None] * n_seq        # each one's last logits, when known
         self._tokenizer = None
@@ -405,13 +413,20 @@ class Model:
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 repeat_last_n: int = 64, seed: int | None = None, stop=None):
+                 repeat_last_n: int = 64, seed: int | None = None, stop=None, draft=None, n_draft: int = 2,
+                 adaptive_draft: bool = True):
         """Streams `GenerationChunk(token, text, finish_reason)` for a prompt (text or token
-        ids). Stops at EOS, a stop string (not included in the text), max_tokens or n_ctx."""
+        ids). Stops at EOS, a stop string (not included in the text), max_tokens or n_ctx.
+
+        `draft`: speculative decoding with a draft `Model` (same vocabulary; up to `n_draft`
+        drafts checked per step, K adapting to the measured acceptance unless
+        `adaptive_draft=False`) or a `speculative.Drafting` (whose `stats` tell the acceptance).
+        The stream is the same as without: greedy token for token, sampling in distribution."""
         from .generation import stream_tokens
+        from .speculative import Drafting
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-        return stream_tokens(self, tokens, max_tokens, params, _stops(stop))
+        return stream_tokens(self, tokens, max_tokens, params, _stops(stop), Drafting.of(draft, n_draft, adaptive_draft))
 
     def create_completion(self, prompt, max_tokens: int = 16, temperature: float = 0.8, top_k: int = 40,
                           top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -425,13 +440,16 @@ class Model:
                                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                                repeat_penalty: float = 1.0, seed: int | None = None, stop=None,
                                stream: bool = False, thinking: bool = False, tools=None,
-                               reasoning_effort: str | None = None):
+                               reasoning_effort: str | None = None, draft=None, n_draft: int = 2):
         """OpenAI-style chat completion over the chat template. The session keeps the
-        conversation: a follow-up turn evaluates only the tokens after what it already holds."""
+        conversation: a follow-up turn evaluates only the tokens after what it already holds.
+        `draft`, `n_draft`: speculative decoding, as in `generate`."""
         from .generation import chat_completion
+        from .speculative import Drafting
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
         extra = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
-        return chat_completion(self, messages, stream, max_tokens, params, _stops(stop), thinking, tools, extra)
+        return chat_completion(self, messages, stream, max_tokens, params, _stops(stop), thinking, tools, extra,
+                               Drafting.of(draft, n_draft))
 
     @property
     def n_past(self) -> int:
@@ -498,8 +516,25 @@ class Model:
                 offset=int(info.offset),
                 nbytes=int(info.nbytes),
                 placement=ffi.string(info.placement).decode(),
+                file=int(info.file),
             ))
         return out
+
+    @property
+    def files(self) -> list[str]:
+        """The files the model was read from: [path], or every part of a split GGUF
+        (llama.cpp's gguf-split: PREFIX-00001-of-00003.gguf …) in part order, whichever part
+        `path` named."""
+        self._require_open()
+        ffi, lib = self._ffi, self._lib
+        n = ffi.new("int32_t *")
+        _native.check(lib.dsv4_model_n_files(self._model, n))
+        out = ffi.new("const char **")
+        paths = []
+        for i in range(n[0]):
+            _native.check(lib.dsv4_model_file_path(self._model, i, out))
+            paths.append(os.fsdecode(ffi.string(out[0])))
+        return paths
 
     # --- lifetime ------------------------------------------------------------------------------
     def _require_open(self) -> None:

@@ -44,15 +44,28 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.params
         x = np.array(logits, dtype=np.float64)
         if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):
             recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
             v = x[recent]
             x[recent] = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
+        return x
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        if self.params.temperature <= 0:
+            return int(np.argmax(self._penalized(logits, history)))
+        ids, probs = self.distribution(logits, history)
+        return int(ids[self.rng.choice(len(ids), p=probs)])
+
+    def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, probabilities) that `sample` draws from (temperature > 0): the chain's
+        survivors and their normalized probabilities. Greedy: the argmax with probability 1."""
+        p = self.params
+        x = self._penalized(logits, history)
         if p.temperature <= 0:
-            return int(np.argmax(x))
+            return np.array([int(np.argmax(x))]), np.array([1.0])
         # candidates by descending logit (stable: ties keep the lower id first)
         order = np.argsort(-x, kind="stable")
         if p.top_k:
@@ -67,4 +80,4 @@ class Sampler:
             keep = probs >= p.min_p * probs[0]
             order, z = order[keep], z[keep]
         t = np.exp((z - z[0]) / p.temperature)
-        return int(order[self.rng.choice(len(order), p=t / t.sum())])
+        return order, t / t.sum()

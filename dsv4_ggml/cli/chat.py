@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..cli_options import backend_kwargs
-from .common import _default_model, _open_model, _sampling_args, _sampling_kwargs
+from .common import _default_model, _draft_args, _drafting, _open_model, _sampling_args, _sampling_kwargs
 
 
 def add_arguments(ch) -> None:
@@ -14,11 +14,13 @@ def add_arguments(ch) -> None:
     ch.add_argument("--thinking", action="store_true", help="thinking mode (reasoning goes to stderr)")
     ch.add_argument("-n", "--n-predict", type=int, default=256, help="max tokens per reply (default 256)")
     _sampling_args(ch)
+    _draft_args(ch)
 
 
 def run(args) -> int:
     path = args.model or _default_model()
     m = _open_model(path, args.ctx, args.threads, **backend_kwargs(args))
+    draft = _drafting(args, m)
     interactive = sys.stdin.isatty()
     messages: list[dict] = []
     if args.system:
@@ -43,7 +45,7 @@ def run(args) -> int:
         messages.append({"role": "user", "content": text})
         reply, reasoning = [], []
         for chunk in m.create_chat_completion(messages, max_tokens=args.n_predict, stream=True,
-                                              thinking=args.thinking, **_sampling_kwargs(args)):
+                                              thinking=args.thinking, draft=draft, **_sampling_kwargs(args)):
             delta = chunk["choices"][0]["delta"]
             if delta.get("reasoning_content"):
                 reasoning.append(delta["reasoning_content"])

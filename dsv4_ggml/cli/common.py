@@ -56,3 +56,22 @@ def _default_model() -> str:
     path = os.path.join(d, "tiny-seed0.gguf")
     write_tiny_model(path, seed=0)
     return path
+
+
+def _draft_args(p) -> None:
+    p.add_argument("--draft-model", default=None,
+                   help="speculative decoding with this smaller DeepSeek-V4 GGUF as the drafter (same vocabulary)")
+    p.add_argument("--n-draft", type=int, default=2, help="most drafts checked per step, 1..8 (default 2)")
+    p.add_argument("--no-adaptive-draft", action="store_true",
+                   help="always draft --n-draft tokens (default: K adapts to the measured acceptance)")
+
+
+def _drafting(args, target):
+    """The `draft=` argument of generate for the --draft-model options (None without one)."""
+    if not args.draft_model:
+        return None
+    from ..model import Model
+    from ..speculative import Drafting, ModelDrafter
+
+    d = Model(args.draft_model, n_ctx=target.n_ctx, n_threads=target.n_threads)
+    return Drafting(ModelDrafter(d), args.n_draft, adaptive=not args.no_adaptive_draft)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..cli_options import backend_kwargs
-from .common import _default_model, _open_model, _sampling_args, _sampling_kwargs
+from .common import _default_model, _draft_args, _drafting, _open_model, _sampling_args, _sampling_kwargs
 
 
 def add_arguments(r) -> None:
@@ -13,6 +13,7 @@ def add_arguments(r) -> None:
     r.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
     r.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     _sampling_args(r)
+    _draft_args(r)
 
 
 def run(args) -> int:
@@ -24,6 +25,7 @@ def run(args) -> int:
               file=sys.stderr)
     t0 = time.perf_counter()
     m = _open_model(path, args.ctx, args.threads, **backend_kwargs(args))
+    draft = _drafting(args, m)
     ids = m.tokenize(args.prompt)
     t_load = time.perf_counter() - t0
     sys.stdout.write(args.prompt)
@@ -31,7 +33,7 @@ def run(args) -> int:
     t1 = time.perf_counter()
     t_first = None
     n_gen = 0
-    for chunk in m.generate(ids, max_tokens=args.n_predict, stop=args.stop, **_sampling_kwargs(args)):
+    for chunk in m.generate(ids, max_tokens=args.n_predict, stop=args.stop, draft=draft, **_sampling_kwargs(args)):
         if t_first is None:
             t_first = time.perf_counter()
         sys.stdout.write(chunk.text)
@@ -42,6 +44,7 @@ def run(args) -> int:
     t_prompt = (t_first or t_end) - t1
     rate = (n_gen - 1) / (t_end - t_first) if n_gen > 1 and t_first else 0.0
     print(f"load {t_load:.2f} s | prompt {len(ids)} tokens in {t_prompt:.3f} s "
-          f"({len(ids) / max(t_prompt, 1e-9):.1f} tokens/s) | generated {n_gen} tokens, {rate:.1f} tokens/s",
+          f"({len(ids) / max(t_prompt, 1e-9):.1f} tokens/s) | generated {n_gen} tokens, {rate:.1f} tokens/s"
+          + (f" | drafts accepted {draft.stats['accepted']}/{draft.stats['proposed']}" if draft else ""),
           file=sys.stderr)
     return 0
