@@ -196,3 +196,15 @@ def test_adaptive_k_stops_drafting_when_drafts_fail():
         good.record(4, 4, verify_s=0.011, draft_s=0.004)
         good.record(0, 0, verify_s=0.010, draft_s=0.0)
     assert good.choose() == 4
+
+
+def test_bench_draft_checks_every_stream(tiny_model):
+    import io
+
+    from dsv4_ggml.bench_draft import run_draft_bench
+
+    out = io.StringIO()
+    res = run_draft_bench(str(tiny_model), str(tiny_model), n_gen=24, threads=1, n_prompt=16, rates=(1.0, 0.0),
+                          ks=(1, 2), stream=out)
+    assert set(res["oracle"]) == {1.0, 0.0} and set(res["oracle"][1.0]) == {1, 2, "adaptive"}
+    assert "draft model K=2" in out.getvalue() and "acceptance 100%" in out.getvalue()

@@ -23,9 +23,18 @@ def add_arguments(b) -> None:
     b.add_argument("--bandwidth", type=float, default=None,
                    help="measured memory read bandwidth in GB/s (benchmarks/membw) for the floor")
     b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--draft", nargs="?", const="oracle", default=None, metavar="DRAFT.gguf",
+                   help="speculative decoding: verify-step cost, oracle drafts at forced acceptance rates "
+                        "(100/90/70/50/0%%) and, given a draft model, its acceptance and speed")
 
 
 def run(args) -> int:
+    if args.draft is not None:
+        from ..bench_draft import run_draft_bench
+
+        run_draft_bench(args.model, None if args.draft == "oracle" else args.draft, n_gen=args.n_gen or 128,
+                        threads=args.threads)
+        return 0
     from ..bench import main_args
 
     return main_args(args)

@@ -1,0 +1,107 @@
+"""`dsv4-ggml bench --draft ...`: what speculative decoding costs and gains on a model.
+
+Random weights make real acceptance meaningless, so the parts are measured:
+1. the cost of a verify step of K+1 positions against a 1-token step (decode is bandwidth-bound:
+   the extra positions read the same weights);
+2. end-to-end greedy decode with an ORACLE drafter: it replays the plain greedy stream recorded
+   first (drafting costs nothing: an upper bound) and is forced to a given acceptance rate by
+   replacing each draft, with probability 1 - rate, by a wrong token (seeded); K fixed 1..4 and
+   adaptive, every stream checked equal to plain decoding;
+3. with `--draft PATH`, a real draft model: its acceptance, its cost per drafted token, speed.
+The projection for a drafter of known cost c (seconds per drafted token) and acceptance a:
+tokens/s = (1 - a^(K+1)) / (1 - a) / (t_verify(K+1) + K c).
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .model import Model
+from .speculative import Drafting, ModelDrafter
+
+
+class OracleDrafter:
+    """Drafts the recorded plain greedy continuation, each draft wrong with probability 1 - rate."""
+
+    def __init__(self, prompt_len: int, stream: list[int], rate: float, n_vocab: int, seed: int = 0):
+        self.prompt_len, self.stream, self.rate, self.n_vocab = prompt_len, stream, rate, n_vocab
+        self.rng = np.random.default_rng(seed)
+
+    def check_compatible(self, target) -> None:
+        pass
+
+    def propose(self, context, k, rng=None):
+        at = len(context) - self.prompt_len
+        true = self.stream[at:at + k]
+        drafts = [t if self.rng.random() < self.rate else (t + 1) % self.n_vocab for t in true]
+        return drafts, [(np.array([d]), np.array([1.0])) for d in drafts]
+
+
+def _decode(m: Model, prompt: list[int], n: int, draft=None) -> tuple[list[int], float]:
+    m.reset()
+    m.eval(prompt[:-1], logits="last")          # the prompt but its last token: timing starts at decode
+    t0 = time.perf_counter()
+    out = [c.token for c in m.generate(prompt, max_tokens=n, temperature=0, draft=draft)]
+    return out, time.perf_counter() - t0
+
+
+def verify_costs(m: Model, prompt: list[int], sizes=range(1, 6), reps: int = 5) -> dict[int, float]:
+    """Median seconds of one step of n positions after the prompt."""
+    m.reset()
+    m.eval(prompt, logits="last")
+    base = len(prompt)
+    out = {}
+    for n in sizes:
+        times = []
+        for r in range(reps + 1):
+            t0 = time.perf_counter()
+            m.eval(prompt[:n], logits="all")
+            dt = time.perf_counter() - t0
+            m.truncate(base)
+            if r:
+                times.append(dt)
+        out[n] = statistics.median(times)
+    return out
+
+
+def run_draft_bench(path: str, draft_path: str | None = None, n_gen: int = 128, threads: int | None = None,
+                    n_prompt: int = 64, rates=(1.0, 0.9, 0.7, 0.5, 0.0), ks=(1, 2, 3, 4), stream=sys.stdout) -> dict:
+    m = Model(path, n_ctx=n_prompt + n_gen + 16, n_threads=threads)
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(10, m.n_vocab, n_prompt)]
+    costs = verify_costs(m, prompt)
+    print(f"verify step cost (median, after {n_prompt} tokens): " +
+          ", ".join(f"{n} pos {costs[n] * 1e3:.2f} ms ({costs[n] / costs[1]:.2f}x)" for n in costs), file=stream)
+    plain, t_plain = _decode(m, prompt, n_gen)
+    _, t_plain2 = _decode(m, prompt, n_gen)
+    t_plain = min(t_plain, t_plain2)
+    tg = len(plain) / t_plain
+    print(f"plain greedy decode: {tg:.1f} tokens/s ({len(plain)} tokens)", file=stream)
+    out = {"verify_s": costs, "plain_tg": tg, "oracle": {}}
+    for rate in rates:
+        row = {}
+        for k in list(ks) + ["adaptive"]:
+            d = Drafting(OracleDrafter(n_prompt, plain, rate, m.n_vocab, seed=1), n_draft=4 if k == "adaptive" else k,
+                         adaptive=k == "adaptive")
+            got, dt = _decode(m, prompt, n_gen, d)
+            if got != plain:
+                raise AssertionError(f"speculative stream differs from plain decoding (rate {rate}, K {k})")
+            row[k] = len(got) / dt
+        out["oracle"][rate] = row
+        print(f"oracle drafts, acceptance forced to {rate:.0%}: " +
+              ", ".join(f"K={k} {v:.1f} t/s ({v / tg:.2f}x)" for k, v in row.items()), file=stream)
+    if draft_path:
+        dm = Model(draft_path, n_ctx=m.n_ctx, n_threads=threads)
+        for k in ks:
+            d = Drafting(ModelDrafter(dm), n_draft=k, adaptive=False)
+            got, dt = _decode(m, prompt, n_gen, d)
+            assert got == plain
+            s = d.stats
+            print(f"draft model K={k}: {len(got) / dt:.1f} t/s ({len(got) / dt / tg:.2f}x), acceptance "
+                  f"{s['acceptance']:.0%}, draft {1e3 * (s['draft_s_per_token'] or 0):.2f} ms/token", file=stream)
+        dm.close()
+    m.close()
+    return out
