@@ -2,7 +2,7 @@
 
 One module per job: ``weights`` (GGUF -> hparams + float64 arrays), ``hc`` (mHC, §3.2),
 ``rope`` (§1.3, §3.4.3), ``attention`` (§3.4), ``compressor`` (§3.5), ``indexer`` (§3.6),
-``moe`` (§3.8), ``state`` (§4), ``model`` (the block loop and :class:`Reference`).
+``moe`` (§3.8), ``state`` (§4), ``model`` (the block loop and :class:`Reference`), ``mtp`` (§3.10).
 """
 
 from .attention import (attention_layer, compressed_candidates, grouped_out_proj, indexer_select, kv_proj,
@@ -13,6 +13,7 @@ from .hc import hc_head, hc_mixes, hc_post, hc_pre, sinkhorn
 from .indexer import indexer_query, indexer_scores, indexer_topk, indexer_topk_margins, indexer_weights
 from .model import Reference, block
 from .moe import expert_ffn, moe_layer, route, routed_experts, router_margins, router_scores, swiglu_clamp
+from .mtp import MtpState, MtpWeights, load_mtp, mtp_head, mtp_input, mtp_logits
 from .rope import layer_rope_freqs, rope, rope_freqs, yarn_corr_dims, yarn_freqs
 from .state import LayerState, RowCache, WindowRing
 from .weights import load_model, read_hparams
@@ -28,4 +29,5 @@ __all__ = [
     "indexer_query", "indexer_weights", "indexer_scores", "indexer_topk", "indexer_topk_margins",
     "router_scores", "route", "router_margins", "swiglu_clamp", "expert_ffn", "routed_experts", "moe_layer",
     "WindowRing", "RowCache", "LayerState",
+    "MtpWeights", "MtpState", "load_mtp", "mtp_input", "mtp_head", "mtp_logits",
 ]

@@ -50,7 +50,7 @@ def block(X: np.ndarray, tokens: np.ndarray, positions: np.ndarray, w: dict, hp:
 
 
 class Reference:
-    """Float64 NumPy DeepSeek-V4 trunk (no MTP) read from a GGUF, with decode state."""
+    """Float64 NumPy DeepSeek-V4 trunk read from a GGUF, with decode state (MTP head: ``reference.mtp``)."""
 
     def __init__(self, path, record_margins: bool = False):
         self.path = str(path)
@@ -108,8 +108,12 @@ class Reference:
                              f"{self._hp['n_ctx_train']}")
         return arr.astype(np.int64)
 
-    def eval(self, tokens) -> np.ndarray:
-        """Logits ``[len(tokens), n_vocab]`` (float64) for the next tokens, processed as one batch."""
+    def eval(self, tokens, return_xfin: bool = False):
+        """Logits ``[len(tokens), n_vocab]`` (float64) for the next tokens, processed as one batch.
+
+        ``return_xfin``: return ``(logits, xfin)`` with ``xfin [len(tokens), HC, D]`` the final stream
+        states (after the last block, before the HC head: the MTP head's input, §3.10).
+        """
         tokens = self._check_tokens(tokens)
         hp, g = self._hp, self._globals
         positions = np.arange(self._n_past, self._n_past + len(tokens))
@@ -125,4 +129,5 @@ class Reference:
         # §3.9: HC head, final norm, LM head
         y = hc_head(X, g["output_hc_fn"], g["output_hc_scale"], g["output_hc_base"], hp["norm_eps"], hp["hc_eps"])
         y = rms_norm(y, g["output_norm"], hp["norm_eps"])
-        return y @ g["output"].T
+        logits = y @ g["output"].T
+        return (logits, X) if return_xfin else logits
