@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 
+from codegen.tables import gguf_key
+
 from .tiny_vocab import build_vocab
 
 ARCH = "deepseek4"
@@ -308,54 +310,56 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     k = f"{ARCH}."
     U32, F32, BOOL, STR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL, GGUFValueType.STRING
     ARR, I32 = GGUFValueType.ARRAY, GGUFValueType.INT32
+    # keys by the DSL's hyperparameter names (codegen/v4.py holds each key once); then the keys
+    # llama.cpp's files carry that the engine does not read
     kv = [
-        ("block_count", n_blocks, U32),
-        ("context_length", cfg.context_length, U32),
-        ("embedding_length", cfg.n_embd, U32),
-        ("embedding_length_out", cfg.hc_mult * cfg.n_embd, U32),
-        ("feed_forward_length", cfg.expert_ff, U32),
-        ("attention.head_count", cfg.n_head, U32),
-        ("attention.head_count_kv", 1, U32),
-        ("attention.key_length", cfg.head_dim, U32),
-        ("attention.value_length", cfg.head_dim, U32),
-        ("rope.dimension_count", cfg.n_rot, U32),
-        ("rope.freq_base", cfg.rope_freq_base, F32),
-        ("rope.scaling.type", "yarn", STR),
-        ("rope.scaling.factor", cfg.rope_scaling_factor, F32),
-        ("rope.scaling.original_context_length", cfg.rope_orig_ctx, U32),
-        ("rope.scaling.yarn_beta_fast", cfg.yarn_beta_fast, F32),
-        ("rope.scaling.yarn_beta_slow", cfg.yarn_beta_slow, F32),
-        ("attention.layer_norm_rms_epsilon", cfg.norm_eps, F32),
-        ("attention.q_lora_rank", cfg.q_lora_rank, U32),
-        ("attention.sliding_window", cfg.n_swa, U32),
-        ("expert_count", cfg.n_expert, U32),
-        ("expert_used_count", cfg.n_expert_used, U32),
-        ("expert_feed_forward_length", cfg.expert_ff, U32),
-        ("expert_shared_count", cfg.n_expert_shared, U32),
+        ("n_layer_all", n_blocks, U32),
+        ("n_ctx_train", cfg.context_length, U32),
+        ("n_embd", cfg.n_embd, U32),
+        (k + "embedding_length_out", cfg.hc_mult * cfg.n_embd, U32),
+        (k + "feed_forward_length", cfg.expert_ff, U32),
+        ("n_head", cfg.n_head, U32),
+        ("n_head_kv", 1, U32),
+        ("head_dim", cfg.head_dim, U32),
+        ("head_dim_v", cfg.head_dim, U32),
+        ("n_rot", cfg.n_rot, U32),
+        ("rope_freq_base", cfg.rope_freq_base, F32),
+        ("rope_scaling_type", "yarn", STR),
+        ("rope_scaling_factor", cfg.rope_scaling_factor, F32),
+        ("rope_orig_ctx", cfg.rope_orig_ctx, U32),
+        (k + "rope.scaling.yarn_beta_fast", cfg.yarn_beta_fast, F32),
+        (k + "rope.scaling.yarn_beta_slow", cfg.yarn_beta_slow, F32),
+        ("norm_eps", cfg.norm_eps, F32),
+        ("q_lora_rank", cfg.q_lora_rank, U32),
+        ("n_swa", cfg.n_swa, U32),
+        ("n_expert", cfg.n_expert, U32),
+        ("n_expert_used", cfg.n_expert_used, U32),
+        ("expert_ff", cfg.expert_ff, U32),
+        ("n_expert_shared", cfg.n_expert_shared, U32),
         ("expert_weights_scale", cfg.expert_weights_scale, F32),
         ("expert_weights_norm", True, BOOL),
         ("expert_gating_func", 4, U32),
     ]
     for key, value, vtype in kv:
-        w.add_key_value(k + key, value, vtype)
-    w.add_key_value(k + "swiglu_clamp_exp", [cfg.swiglu_limit] * n_blocks, ARR, sub_type=F32)
-    w.add_key_value(k + "swiglu_clamp_shexp", [shexp] * n_blocks, ARR, sub_type=F32)
+        w.add_key_value(key if key.startswith(k) else gguf_key(key), value, vtype)
+    w.add_key_value(gguf_key("swiglu_clamp_exp"), [cfg.swiglu_limit] * n_blocks, ARR, sub_type=F32)
+    w.add_key_value(gguf_key("swiglu_clamp_shexp"), [shexp] * n_blocks, ARR, sub_type=F32)
     for key, value, vtype in [
-        ("attention.indexer.head_count", cfg.indexer_n_head, U32),
-        ("attention.indexer.key_length", cfg.indexer_head_dim, U32),
-        ("attention.indexer.top_k", cfg.indexer_top_k, U32),
-        ("attention.output_group_count", cfg.o_groups, U32),
-        ("attention.output_lora_rank", cfg.o_lora_rank, U32),
+        ("indexer_n_head", cfg.indexer_n_head, U32),
+        ("indexer_head_dim", cfg.indexer_head_dim, U32),
+        ("indexer_top_k", cfg.indexer_top_k, U32),
+        ("o_groups", cfg.o_groups, U32),
+        ("o_lora_rank", cfg.o_lora_rank, U32),
     ]:
-        w.add_key_value(k + key, value, vtype)
-    w.add_key_value(k + "attention.compress_ratios", ratios_key, ARR, sub_type=I32)
-    w.add_key_value(k + "attention.compress_rope_freq_base", cfg.compress_rope_freq_base, F32)
-    w.add_key_value(k + "hyper_connection.count", cfg.hc_mult, U32)
-    w.add_key_value(k + "hyper_connection.sinkhorn_iterations", cfg.hc_sinkhorn_iters, U32)
-    w.add_key_value(k + "hyper_connection.epsilon", cfg.hc_eps, F32)
-    w.add_key_value(k + "hash_layer_count", cfg.n_hash_layers, U32)
+        w.add_key_value(gguf_key(key), value, vtype)
+    w.add_key_value(gguf_key("compress_ratios"), ratios_key, ARR, sub_type=I32)
+    w.add_key_value(gguf_key("compress_rope_freq_base"), cfg.compress_rope_freq_base, F32)
+    w.add_key_value(gguf_key("hc_mult"), cfg.hc_mult, U32)
+    w.add_key_value(gguf_key("hc_sinkhorn_iters"), cfg.hc_sinkhorn_iters, U32)
+    w.add_key_value(gguf_key("hc_eps"), cfg.hc_eps, F32)
+    w.add_key_value(gguf_key("n_hash_layers"), cfg.n_hash_layers, U32)
     if cfg.n_mtp_layers:
-        w.add_key_value(k + "nextn_predict_layers", cfg.n_mtp_layers, U32)
+        w.add_key_value(gguf_key("n_nextn"), cfg.n_mtp_layers, U32)
 
     w.add_key_value("tokenizer.ggml.model", "gpt2", STR)
     w.add_key_value("tokenizer.ggml.pre", "deepseek-v3", STR)
