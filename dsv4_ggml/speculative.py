@@ -204,8 +204,7 @@ class Drafting:
         """`draft` as a Drafting: None, a Drafting, or a draft `Model`."""
         if draft is None or isinstance(draft, Drafting):
             return draft
-        from .model import Model
-        if isinstance(draft, Model):
+        if all(hasattr(draft, a) for a in ("_feed", "eval", "n_vocab", "n_ctx")):   # a Model (no import: no cycle)
             return cls(ModelDrafter(draft), n_draft, adaptive)
         raise InvalidArgumentError(f"draft must be a dsv4_ggml.Model (the draft model) or a Drafting, "
                                    f"got {type(draft).__name__}")
