@@ -34,7 +34,7 @@ class TensorInfo:
     name: str
     type: str
     shape: tuple[int, ...]
-    offset: int
+    offset: int                 # byte offset in its file (`file`)
     nbytes: int
     placement: str = "mapped"   # "mapped" (read in place from the file) or the buffer it was copied into
     file: int = 0               # index into `Model.files` of the file holding it (a split model's part)

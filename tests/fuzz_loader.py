@@ -11,8 +11,9 @@ OutOfMemoryError. libFuzzer writes the input to
 `crash-*` / `timeout-*` / `oom-*` (-artifact_prefix); turn each into a regression case in
 tests/hostile.py (REGRESSIONS).
 
-Seeds: a tiny valid model (1 layer of ratio 4 with the indexer and hash routing, 300 tokens) and
-a 2-layer one (ratio 0 + 128) with an MTP block, written into a temporary seed directory that is
+Seeds: a tiny valid model (1 layer of ratio 4 with the indexer and hash routing, 300 tokens), the
+same with the split keys of a one-part split GGUF, and a 2-layer one (ratio 0 + 128) with an MTP
+block, written into a temporary seed directory that is
 appended to the corpus directories (a temporary corpus directory is used when none is given).
 
 Mutations: half libFuzzer's byte-level mutations, half structure-aware ones (tests/hostile.py's
@@ -77,6 +78,14 @@ def write_seeds(directory: Path) -> list[Path]:
         if not p.exists():
             write_tiny_model(p, seed=1, **cfg)
         out.append(p)
+    # the first seed as a one-part split GGUF (llama.cpp's split.* keys): mutations reach those checks
+    p = directory / "tiny-csa-1layer-split-keys.gguf"
+    if not p.exists():
+        g = hostile.parse(out[0].read_bytes())
+        g.set("split.no", hostile.U16, 0).set("split.count", hostile.U16, 1)
+        g.set("split.tensors.count", hostile.I32, len(g.tensors))
+        p.write_bytes(hostile.serialize(g)[0])
+    out.append(p)
     return out
 
 

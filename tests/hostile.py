@@ -1149,6 +1149,29 @@ def _mutants(b: _Builder, n: int) -> None:
 REGRESSIONS: list[tuple[str, Callable[[], bytes], object]] = []
 
 
+def _split_keys(b: _Builder) -> None:
+    """llama.cpp's split keys (gguf-split) on one file. A case is written as case<i>.gguf, not a
+    part's name (PREFIX-00001-of-00003.gguf): a file that says it is one part of several cannot
+    reach the others. Whole part sets (a part missing, truncated, foreign, duplicated) are in
+    tests/test_split.py."""
+    n = len(_base().tensors)
+
+    def keys(g, no=0, count=1, total=n, vtype=U16):   # as gguf-py writes them: u16, u16, i32
+        g.set("split.no", vtype, no)
+        g.set("split.count", vtype, count)
+        g.set("split.tensors.count", I32, total)
+    b.edit("valid/split-keys-one-part", LOADS, keys)
+    b.edit("valid/split-keys-one-part-as-u32", LOADS, lambda g: keys(g, vtype=U32))
+    b.edit("split/one-part-tensor-count-lies", Corrupt, lambda g: keys(g, total=n + 1))
+    b.edit("split/part-2-of-1", Corrupt, lambda g: keys(g, no=1))
+    b.edit("split/count-zero", Corrupt, lambda g: keys(g, count=0))
+    b.edit("split/part-of-3-without-a-part-name", Corrupt, lambda g: keys(g, count=3))
+    b.edit("split/part-2-of-3-without-a-part-name", Corrupt, lambda g: keys(g, no=1, count=3))
+    b.edit("split/no-without-count", Corrupt, lambda g: g.set("split.no", U16, 0))
+    b.edit("split/count-as-string", BadKey, lambda g: (keys(g), g.set("split.count", STR, "1")))
+    b.edit("split/count-negative", BadKey, lambda g: (keys(g), g.set("split.count", I32, -1)))
+
+
 def _regressions(b: _Builder) -> None:
     for name, make, exp in REGRESSIONS:
         b.add(f"regression/{name}", make, exp)
@@ -1170,6 +1193,7 @@ def _corpus(n_mutants: int) -> tuple[Case, ...]:
     _robustness(b)
     _numeric_hparams(b)
     _huge(b)
+    _split_keys(b)
     _regressions(b)
     _mutants(b, n_mutants)
     return tuple(b.cases)

@@ -866,6 +866,40 @@ def test_progress_and_cancel(smooth, tmp_path):
     _expect(smooth["ckpt"], tmp_path, CancelledError, "cancel", progress=lambda f: f < 0.5)
 
 
+def test_split_conversion_equals_the_single_file(smooth, f32_engine_logits, tmp_path, capsys):
+    """--split-max-tensors / --split-max-size: parts named and keyed as llama.cpp's gguf-split writes
+    them (tests/test_split.py), holding the single file's tensors, with its logits."""
+    n = smooth["stats"]["tensors"]
+    st = _convert(smooth["ckpt"], tmp_path / "t.gguf", outtype="f32", split_max_tensors=-(-n // 3))
+    assert st["files"] == [str(tmp_path / f"t-{i:05d}-of-00003.gguf") for i in (1, 2, 3)] and st["path"] == st["files"][0]
+    assert st["bytes"] == sum(Path(f).stat().st_size for f in st["files"])
+    assert not list(tmp_path.glob("*part*"))
+    merged = {}
+    for i, f in enumerate(st["files"]):
+        r = GGUFReader(f)
+        assert [r.fields[k].contents() for k in ("split.no", "split.count", "split.tensors.count")] == [i, 3, n]
+        merged.update((t.name, (t.tensor_type, np.array(t.data))) for t in r.tensors)
+    single = _all_tensors(smooth["f32"])
+    assert merged.keys() == single.keys()
+    assert all(merged[k][0] == single[k][0] and np.array_equal(merged[k][1], single[k][1]) for k in single)
+    m = dsv4_ggml.Model(st["files"][2], n_ctx=512, cache_type="f32")
+    assert m.files == st["files"]
+    assert np.array_equal(m.eval(smooth["toks"]), f32_engine_logits)
+    m.close()
+    # by size, through the command line; a limit the model fits under writes one plain file
+    data = smooth["stats"]["data_bytes"]
+    from dsv4_ggml.cli import main as cli_main
+    assert cli_main(["convert", str(smooth["ckpt"]), str(tmp_path / "s.gguf"), "--outtype", "f32",
+                     "--split-max-size", str(data // 2 + 1)]) == 0
+    names = sorted(p.name for p in tmp_path.glob("s*"))
+    k = len(names)
+    assert k >= 2 and names == [f"s-{i:05d}-of-{k:05d}.gguf" for i in range(1, k + 1)]
+    assert f"in {k} parts" in capsys.readouterr().out
+    one = _convert(smooth["ckpt"], tmp_path / "one.gguf", outtype="f32", split_max_size=2 * data)
+    assert one["files"] == [str(tmp_path / "one.gguf")]
+    assert (tmp_path / "one.gguf").read_bytes() == Path(smooth["f32"]).read_bytes()
+
+
 def test_inference_config_fallback_and_cli(smooth, tmp_path, capsys):
     """config.json with keys missing is completed from inference/config.json (ModelArgs names)."""
     ck = tmp_path / "ck"

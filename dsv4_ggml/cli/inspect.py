@@ -1,11 +1,14 @@
 """`dsv4-ggml inspect`: validate a model file and print what it holds."""
 from __future__ import annotations
 
+import os
+
 from .common import _human
 
 
 def add_arguments(i) -> None:
-    i.add_argument("model", help="a DeepSeek-V4 .gguf file")
+    i.add_argument("model", help="a DeepSeek-V4 .gguf file (or any part of a split one: "
+                                 "PREFIX-00001-of-00003.gguf ...)")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.add_argument("--seqs", type=int, default=1, help="sequence slots of the session (default 1)")
     i.add_argument("--ctx", type=int, nargs="*", default=[4096, 32768],
@@ -19,10 +22,17 @@ def run(args) -> int:
     hp = m.hparams
     print(f"{args.model}: DeepSeek-V4 (deepseek4), {hp['n_layer']} layers"
           f"{' + MTP' if hp['n_nextn'] else ''}, vocab {m.n_vocab}")
+    tensors = m.tensors
+    files = m.files
+    if len(files) > 1:
+        print(f"files: a split GGUF of {len(files)} parts (each mapped in place)")
+        for i, f in enumerate(files):
+            held = [t for t in tensors if t.file == i]
+            print(f"  part {i + 1}/{len(files)}  {f}  {_human(os.path.getsize(f))}, {len(held)} tensors "
+                  f"({_human(sum(t.nbytes for t in held))})")
     width = max(len(k) for k in hp)
     for k, v in hp.items():
         print(f"  {k:<{width}}  {v}")
-    tensors = m.tensors
     total = sum(t.nbytes for t in tensors)
     by_type: dict[str, int] = {}
     for t in tensors:
@@ -35,7 +45,8 @@ def run(args) -> int:
             continue
         slot = m.estimate_state_bytes(n_ctx, per_slot=True)
         state = m.estimate_state_bytes(n_ctx, n_seq=args.seqs)
-        print(f"memory at n_ctx {n_ctx}: weights {_human(total)} (mapped from the file) + session state "
+        mapped = "the files" if len(files) > 1 else "the file"
+        print(f"memory at n_ctx {n_ctx}: weights {_human(total)} (mapped from {mapped}) + session state "
               f"{_human(state)} for {args.seqs} sequence{'s' if args.seqs > 1 else ''} ({_human(slot)} per "
               f"sequence slot, {slot / n_ctx:.0f} bytes/token incl. fixed windows and rollback rings) + "
               f"compute buffer")
@@ -43,6 +54,7 @@ def run(args) -> int:
         nw = max(len(t.name) for t in tensors)
         for t in tensors:
             shape = "{" + ", ".join(str(x) for x in t.shape) + "}"
-            print(f"  {t.name:<{nw}}  {t.type:<8} {shape:<22} {_human(t.nbytes):>10}")
+            part = f"  part {t.file + 1}" if len(files) > 1 else ""
+            print(f"  {t.name:<{nw}}  {t.type:<8} {shape:<22} {_human(t.nbytes):>10}{part}")
     m.close()
     return 0

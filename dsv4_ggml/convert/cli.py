@@ -18,17 +18,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="routed expert type: auto (lossless MXFP4 repack of FP4 experts unless --outtype f32), "
                         "mxfp4, or a float/q8_0 type (default auto)")
     p.add_argument("--mtp", action="store_true", help="also write the MTP block as blk.{n_layer}")
+    p.add_argument("--split-max-size", type=_size, default=0, metavar="N[K|M|G|T]",
+                   help="split the output into parts of at most this much tensor data (e.g. 50G; decimal "
+                        "units), named as llama.cpp's gguf-split names them: OUT-00001-of-0000N.gguf ...")
+    p.add_argument("--split-max-tensors", type=int, default=0, metavar="N",
+                   help="split the output into parts of at most N tensors (with or without --split-max-size)")
+
+
+def _size(text: str) -> int:
+    from ..errors import InvalidArgumentError
+    from ..split import parse_size
+    try:
+        return parse_size(text)
+    except InvalidArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli_options import ProgressBar
 
+    if args.split_max_tensors < 0:
+        raise SystemExit("dsv4-ggml convert: --split-max-tensors must be 0 or more")
     st = convert(args.hf_dir, args.out, outtype=args.outtype, experts=args.experts, mtp=args.mtp,
-                 progress=ProgressBar("converting"))
+                 progress=ProgressBar("converting"), split_max_size=args.split_max_size,
+                 split_max_tensors=args.split_max_tensors)
     types = ", ".join(f"{k} {v}" for k, v in sorted(st["types"].items()))
     print(f"wrote {st['path']}: {st['tensors']} tensors ({types}), {st['bytes'] / 2**30:.2f} GiB, experts "
           f"{st['experts']}, {st['seconds']:.1f} s, peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB"
           + (f"; skipped {len(st['skipped'])} checkpoint tensors (MTP/vision/unused)" if st["skipped"] else ""))
+    if len(st["files"]) > 1:
+        print(f"in {len(st['files'])} parts: " + ", ".join(st["files"]))
     return 0
 
 

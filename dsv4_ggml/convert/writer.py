@@ -12,6 +12,7 @@ from gguf import GGUFWriter
 
 from ..errors import (BadKeyError, CancelledError, InternalError, InvalidArgumentError, MissingKeyError,
                       UnexpectedTensorError)
+from ..split import part_path as split_part_path
 from ..tiny import ARCH
 from .checkpoint import Checkpoint
 from .config import read_config
@@ -23,14 +24,19 @@ from .tokenizer import read_tokenizer
 
 
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "q8_0", experts: str = "auto",
-            mtp: bool = False, progress: Callable[[float], Any] | None = None) -> dict[str, Any]:
+            mtp: bool = False, progress: Callable[[float], Any] | None = None, split_max_size: int = 0,
+            split_max_tensors: int = 0) -> dict[str, Any]:
     """Convert the official DeepSeek-V4 checkpoint in `hf_dir` to a GGUF at `out_path`.
 
     `progress(fraction)` is called after every written block of data; returning False cancels
     (CancelledError, no output file). The output is written to `out_path + ".part"` and renamed
-    when complete. Returns statistics: tensors, bytes (file size), data_bytes, types (ggml type ->
-    tensor count), experts (the routed experts' type), skipped (checkpoint tensors not converted on
-    purpose), seconds, rss_start_bytes, peak_rss_bytes (the process's VmHWM at the end)."""
+    when complete. `split_max_size` (bytes of tensor data) / `split_max_tensors` (0: no limit)
+    split the output into parts as llama.cpp's gguf-split does (x.gguf -> x-00001-of-0000N.gguf
+    …, see dsv4_ggml.split; one file, as without them, when the model fits one part), each
+    written as `x.part-0000K-of-0000N.gguf` first. Returns statistics: path (the first part's),
+    files (every part), tensors, bytes (all files), data_bytes, types (ggml type -> tensor count),
+    experts (the routed experts' type), skipped (checkpoint tensors not converted on purpose),
+    seconds, rss_start_bytes, peak_rss_bytes (the process's VmHWM at the end)."""
     t0 = time.perf_counter()
     rss0 = rss_bytes()
     outtype = str(outtype).lower()
@@ -39,6 +45,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
         raise InvalidArgumentError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if experts not in EXPERT_TYPES:
         raise InvalidArgumentError(f"experts must be one of {', '.join(EXPERT_TYPES)}, got {experts!r}")
+    for name, value in (("split_max_size", split_max_size), ("split_max_tensors", split_max_tensors)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgumentError(f"{name} must be a non-negative integer, got {value!r}")
+    split = split_max_size > 0 or split_max_tensors > 0
     hp = read_config(hf_dir)
     if mtp:
         if hp["n_mtp"] < 1:
@@ -57,8 +67,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
 
     ck = Checkpoint(hf_dir)
     out_path = Path(out_path)
-    part = out_path.with_name(out_path.name + ".part")
+    # gguf-py names the parts after its path's stem: x.part.gguf -> x.part-00001-of-00003.gguf
+    part = out_path.with_name(out_path.stem + ".part.gguf" if split else out_path.name + ".part")
     w = None
+    written: list[Path] = []
     try:
         planner = _Planner(ck, hp, outtype, experts, mtp)
         planner.plan()
@@ -68,39 +80,35 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
                                         + ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else ""))
         items = planner.items
 
-        w = GGUFWriter(os.fspath(part), ARCH)
+        w = GGUFWriter(os.fspath(part), ARCH, split_max_tensors=split_max_tensors, split_max_size=split_max_size)
         _write_metadata(w, hp, tok, mtp)
         for it in items:
             w.add_tensor_info(it.name, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.gtype)
+        written = w.format_shard_names(part)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        fout = w.fout[0]
+        by_name = {it.name: it for it in items}
         total = sum(it.nbytes for it in items) or 1
         done = 0
-        for it in items:
+        for fout, tensors in zip(w.fout, w.tensors):   # each part's tensors, in order
             w.write_padding(fout, fout.tell())
-            written = 0
-            for chunk in it.produce():
-                chunk = np.ascontiguousarray(chunk)
-                fout.write(memoryview(chunk).cast("B"))
-                written += chunk.nbytes
-                done += chunk.nbytes
-                if progress is not None and progress(done / total) is False:
-                    raise CancelledError("conversion cancelled by the progress callback")
-            if written != it.nbytes:
-                raise InternalError(f"'{it.name}': wrote {written} bytes, planned {it.nbytes}")
-            w.write_padding(fout, it.nbytes)
+            for name in tensors:
+                done = _write_tensor(w, fout, by_name[name], done, total, progress)
         w.close()
         w = None
-        os.replace(part, out_path)
+        final = [out_path] if len(written) == 1 else \
+            [split_part_path(out_path, i + 1, len(written)) for i in range(len(written))]
+        for src, dst in zip(written, final):
+            os.replace(src, dst)
     except BaseException:
         if w is not None:
             w.close()
-        try:
-            part.unlink()
-        except OSError:
-            pass
+        for p in written or [part]:
+            try:
+                p.unlink()
+            except OSError:
+                pass
         raise
     finally:
         ck.close()
@@ -110,7 +118,25 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
         types[it.gtype.name] = types.get(it.gtype.name, 0) + 1
     exp_types = {it.gtype.name for it in items if it.name.endswith("_exps.weight")}
     return dict(
-        path=os.fspath(out_path), tensors=len(items), bytes=out_path.stat().st_size,
+        path=os.fspath(final[0]), files=[os.fspath(p) for p in final], tensors=len(items),
+        bytes=sum(p.stat().st_size for p in final),
         data_bytes=sum(it.nbytes for it in items), types=types, outtype=outtype,
         experts=",".join(sorted(exp_types)), skipped=skipped, seconds=time.perf_counter() - t0,
         rss_start_bytes=rss0, peak_rss_bytes=peak_rss_bytes())
+
+
+def _write_tensor(w: GGUFWriter, fout, it, done: int, total: int, progress) -> int:
+    """Streams one planned tensor into `fout` block by block (then its padding); returns the bytes
+    done so far, reporting them to `progress` (which may cancel)."""
+    n = 0
+    for chunk in it.produce():
+        chunk = np.ascontiguousarray(chunk)
+        fout.write(memoryview(chunk).cast("B"))
+        n += chunk.nbytes
+        done += chunk.nbytes
+        if progress is not None and progress(done / total) is False:
+            raise CancelledError("conversion cancelled by the progress callback")
+    if n != it.nbytes:
+        raise InternalError(f"'{it.name}': wrote {n} bytes, planned {it.nbytes}")
+    w.write_padding(fout, it.nbytes)
+    return done

@@ -126,11 +126,13 @@ typedef struct dsv4_tensor_info {
     const char * type_name;    /* e.g. "f32", "q8_0" */
     int32_t n_dims;
     int64_t ne[4];
-    uint64_t offset;           /* absolute byte offset in the file */
+    uint64_t offset;           /* absolute byte offset in its file (`file`) */
     uint64_t nbytes;
     const char * placement;    /* where the weight is read from: "mapped" (the file, in place) or the
                                   buffer type it was copied into at load ("AMX", "CPU_REPACK", "CPU"
                                   (copied as it is), "CUDA0") */
+    int32_t file;              /* the file holding it: 0, or its part of a split model (from 0;
+                                  dsv4_model_file_path) */
 } dsv4_tensor_info;
 
 /* Called while a model loads with the fraction done (0..1); return false to cancel the load. */
@@ -192,12 +194,19 @@ DSV4_API bool dsv4_backend_available(int32_t backend);
 
 DSV4_API dsv4_model_params dsv4_model_default_params(void);
 /* Opens and validates a GGUF file: architecture, every required key, every tensor's presence,
- * shape and type. On success *out_model owns the open file; free it with dsv4_model_free. */
+ * shape and type. On success *out_model owns the open file; free it with dsv4_model_free.
+ * `path` may name any part of a model split by llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf
+ * …): every part is found by name and opened; a missing, truncated, duplicated or foreign part
+ * fails with an error naming it. */
 DSV4_API dsv4_status dsv4_model_open(const char * path, const dsv4_model_params * params, dsv4_model ** out_model);
 DSV4_API void dsv4_model_free(dsv4_model * model);
 DSV4_API dsv4_status dsv4_model_get_hparams(const dsv4_model * model, dsv4_hparams * out);
 DSV4_API dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out);
 DSV4_API dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out);
+/* The files the model was read from: 1, or the parts of a split model in part order; the path
+ * of file `index` (valid while the model is open). */
+DSV4_API dsv4_status dsv4_model_n_files(const dsv4_model * model, int32_t * out);
+DSV4_API dsv4_status dsv4_model_file_path(const dsv4_model * model, int32_t index, const char ** out);
 /* Bytes the persistent state of a session with these parameters would take (all of its slots),
  * and of one slot (*per_slot, may be NULL), without allocating anything. */
 DSV4_API dsv4_status dsv4_model_state_bytes(const dsv4_model * model, const dsv4_session_params * params,

@@ -171,6 +171,26 @@ dsv4_status dsv4_model_n_tensors(const dsv4_model * model, int64_t * out) {
     });
 }
 
+dsv4_status dsv4_model_n_files(const dsv4_model * model, int32_t * out) {
+    return guarded([&] {
+        require(model, "model");
+        require(out, "out");
+        *out = int32_t(model->file->n_parts());
+    });
+}
+
+dsv4_status dsv4_model_file_path(const dsv4_model * model, int32_t index, const char ** out) {
+    return guarded([&] {
+        require(model, "model");
+        require(out, "out");
+        if (index < 0 || size_t(index) >= model->file->n_parts()) {
+            dsv4::fail(DSV4_ERR_INVALID_ARGUMENT, "file index %d is out of range [0, %zu)", int(index),
+                       model->file->n_parts());
+        }
+        *out = model->file->part(size_t(index)).path.c_str();
+    });
+}
+
 dsv4_status dsv4_model_tensor_info(const dsv4_model * model, int64_t index, dsv4_tensor_info * out) {
     return guarded([&] {
         require(model, "model");

@@ -128,15 +128,17 @@ const char * gguf_type_name(GgufType type) {
     return "unknown";
 }
 
-std::unique_ptr<GgufFile> GgufFile::open(const std::string & path) {
-    std::unique_ptr<GgufFile> f(new GgufFile());
-    f->path_ = path;
-    f->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (f->fd_ < 0) {
+namespace {
+
+// Opens and maps `path` into `p` (read-only, shared: the weights are read in place).
+void map_part(GgufPart & p, const std::string & path) {
+    p.path = path;
+    p.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (p.fd < 0) {
         fail(DSV4_ERR_IO, "cannot open '%s': %s", path.c_str(), std::strerror(errno));
     }
     struct stat st;
-    if (fstat(f->fd_, &st) != 0) {
+    if (fstat(p.fd, &st) != 0) {
         fail(DSV4_ERR_IO, "cannot stat '%s': %s", path.c_str(), std::strerror(errno));
     }
     if (S_ISDIR(st.st_mode)) {
@@ -145,39 +147,31 @@ std::unique_ptr<GgufFile> GgufFile::open(const std::string & path) {
     if (!S_ISREG(st.st_mode)) {
         fail(DSV4_ERR_IO, "'%s' is not a regular file", path.c_str());
     }
-    f->size_ = uint64_t(st.st_size);
-    if (f->size_ < 4) {
+    p.size = uint64_t(st.st_size);
+    if (p.size < 4) {
         fail(DSV4_ERR_NOT_GGUF, "'%s' is not a GGUF file: it is only %llu bytes long", path.c_str(),
-             (unsigned long long) f->size_);
+             (unsigned long long) p.size);
     }
-    void * m = mmap(nullptr, size_t(f->size_), PROT_READ, MAP_SHARED, f->fd_, 0);
+    void * m = mmap(nullptr, size_t(p.size), PROT_READ, MAP_SHARED, p.fd, 0);
     if (m == MAP_FAILED) {
         fail(DSV4_ERR_IO, "cannot map '%s': %s", path.c_str(), std::strerror(errno));
     }
-    f->map_ = static_cast<const uint8_t *>(m);
-    f->parse();
-    return f;
+    p.map = static_cast<const uint8_t *>(m);
 }
 
-GgufFile::~GgufFile() {
-    if (map_ != nullptr) {
-        munmap(const_cast<uint8_t *>(map_), size_t(size_));
-    }
-    if (fd_ >= 0) {
-        ::close(fd_);
-    }
-}
-
-void GgufFile::parse() {
-    Cursor c{map_, size_, 0};
-    if (std::memcmp(map_, "GGUF", 4) != 0) {
-        fail(DSV4_ERR_NOT_GGUF, "'%s' is not a GGUF file (its first bytes are not the magic \"GGUF\")", path_.c_str());
+// Parses the header and tensor table of the mapped file `p`, checking every read and every
+// tensor's data range against the file.
+void parse_part(GgufPart & p) {
+    std::unordered_map<std::string, size_t> tensor_index;
+    Cursor c{p.map, p.size, 0};
+    if (std::memcmp(p.map, "GGUF", 4) != 0) {
+        fail(DSV4_ERR_NOT_GGUF, "'%s' is not a GGUF file (its first bytes are not the magic \"GGUF\")", p.path.c_str());
     }
     c.pos = 4;
-    version_ = c.read<uint32_t>("the GGUF version");
-    if (version_ != 2 && version_ != 3) {
-        fail(DSV4_ERR_CORRUPT, "unsupported GGUF version %u (this reader handles versions 2 and 3%s)", version_,
-             (version_ & 0xffff) == 0 ? "; a big-endian file?" : "");
+    p.version = c.read<uint32_t>("the GGUF version");
+    if (p.version != 2 && p.version != 3) {
+        fail(DSV4_ERR_CORRUPT, "unsupported GGUF version %u (this reader handles versions 2 and 3%s)", p.version,
+             (p.version & 0xffff) == 0 ? "; a big-endian file?" : "");
     }
     const uint64_t n_tensors = c.read<uint64_t>("the tensor count");
     const uint64_t n_kv = c.read<uint64_t>("the metadata key count");
@@ -187,7 +181,7 @@ void GgufFile::parse() {
              (unsigned long long) n_kv, (unsigned long long) kMaxKeys);
     }
 
-    key_order_.reserve(size_t(n_kv));
+    p.key_order.reserve(size_t(n_kv));
     for (uint64_t i = 0; i < n_kv; ++i) {
         const std::string_view key = c.read_str("a metadata key");
         if (key.empty()) {
@@ -227,22 +221,22 @@ void GgufFile::parse() {
             } else {
                 const size_t es = fixed_size(v.elem_type);
                 c.need_items(v.n, es, "array elements");
-                v.data = map_ + c.pos;
+                v.data = p.map + c.pos;
                 c.pos += v.n * es;
             }
         } else {
             const size_t es = fixed_size(v.type);
             c.need(es, "a metadata value");
-            v.data = map_ + c.pos;
+            v.data = p.map + c.pos;
             c.pos += es;
         }
-        if (!kv_.emplace(skey, std::move(v)).second) {
+        if (!p.kv.emplace(skey, std::move(v)).second) {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: metadata key '%s' appears twice", printable(key).c_str());
         }
-        key_order_.push_back(skey);
+        p.key_order.push_back(skey);
     }
 
-    if (const GgufValue * a = find("general.alignment")) {
+    if (const GgufValue * a = p.find("general.alignment")) {
         if (a->type != GgufType::U32) {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: general.alignment has type %s, expected u32", gguf_type_name(a->type));
         }
@@ -253,7 +247,7 @@ void GgufFile::parse() {
         if (al < 8 || (al & (al - 1)) != 0) {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: general.alignment %u is not a power of two of at least 8", al);
         }
-        alignment_ = al;
+        p.alignment = al;
     }
 
     c.need_items(n_tensors, kMinTensorInfoBytes, "tensor descriptions");
@@ -261,7 +255,7 @@ void GgufFile::parse() {
         fail(DSV4_ERR_CORRUPT, "corrupt GGUF: %llu tensors (this reader accepts at most %llu)",
              (unsigned long long) n_tensors, (unsigned long long) kMaxTensors);
     }
-    tensors_.reserve(size_t(n_tensors));
+    p.tensors.reserve(size_t(n_tensors));
     for (uint64_t i = 0; i < n_tensors; ++i) {
         GgufTensorInfo ti;
         const std::string_view name = c.read_str("a tensor name");
@@ -313,39 +307,50 @@ void GgufFile::parse() {
             }
         }
         ti.nbytes = nbytes;
-        if (rel % alignment_ != 0) {
+        if (rel % p.alignment != 0) {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: tensor '%s' data offset %llu is not a multiple of the alignment %u", tn,
-                 (unsigned long long) rel, alignment_);
+                 (unsigned long long) rel, p.alignment);
         }
         ti.offset = rel;  // made absolute below, once the data section start is known
-        if (!tensor_index_.emplace(ti.name, tensors_.size()).second) {
+        if (!tensor_index.emplace(ti.name, p.tensors.size()).second) {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: tensor '%s' appears twice", tn);
         }
-        tensors_.push_back(std::move(ti));
+        p.tensors.push_back(std::move(ti));
     }
 
     // the data section starts at the next multiple of the alignment
-    const uint64_t pad = (alignment_ - c.pos % alignment_) % alignment_;
-    data_offset_ = c.pos + pad;
-    for (GgufTensorInfo & ti : tensors_) {
+    const uint64_t pad = (p.alignment - c.pos % p.alignment) % p.alignment;
+    p.data_offset = c.pos + pad;
+    for (GgufTensorInfo & ti : p.tensors) {
         uint64_t begin, end;
-        if (__builtin_add_overflow(data_offset_, ti.offset, &begin) || __builtin_add_overflow(begin, ti.nbytes, &end)) {
+        if (__builtin_add_overflow(p.data_offset, ti.offset, &begin) || __builtin_add_overflow(begin, ti.nbytes, &end)) {
             fail(DSV4_ERR_CORRUPT, "corrupt GGUF: tensor '%s' data offset overflows", printable(ti.name).c_str());
         }
-        if (end > size_) {
+        if (end > p.size) {
             const bool absurd = end > kAbsurdBytes;
             fail(absurd ? DSV4_ERR_CORRUPT : DSV4_ERR_TRUNCATED,
                  "%s GGUF: tensor '%s' data [%llu, %llu) extends past the end of the file (%llu bytes)",
                  absurd ? "corrupt" : "truncated", printable(ti.name).c_str(), (unsigned long long) begin,
-                 (unsigned long long) end, (unsigned long long) size_);
+                 (unsigned long long) end, (unsigned long long) p.size);
         }
         ti.offset = begin;
     }
 }
 
-const GgufValue * GgufFile::find(std::string_view key) const {
-    auto it = kv_.find(std::string(key));
-    return it == kv_.end() ? nullptr : &it->second;
+}  // namespace
+
+GgufPart::~GgufPart() {
+    if (map != nullptr) {
+        munmap(const_cast<uint8_t *>(map), size_t(size));
+    }
+    if (fd >= 0) {
+        ::close(fd);
+    }
+}
+
+const GgufValue * GgufPart::find(std::string_view key) const {
+    auto it = kv.find(std::string(key));
+    return it == kv.end() ? nullptr : &it->second;
 }
 
 const GgufTensorInfo * GgufFile::find_tensor(std::string_view name) const {
@@ -598,6 +603,220 @@ bool GgufFile::get_u32_per_layer(const char * key, uint32_t n, uint32_t * out, b
         }
     }
     return true;
+}
+
+// --- split models (llama.cpp's gguf-split format) ------------------------------------------------
+
+namespace {
+
+// llama.cpp names the parts PREFIX-00001-of-00003.gguf … PREFIX-00003-of-00003.gguf
+// (llama_split_path: numbered from 1, five digits each).
+constexpr size_t kSplitSuffixLen = 20;  // "-NNNNN-of-MMMMM.gguf"
+
+struct SplitName {
+    std::string prefix;
+    uint32_t no = 0;  // from 1, as in the name
+    uint32_t count = 0;
+};
+
+bool parse_split_name(const std::string & path, SplitName & out) {
+    if (path.size() <= kSplitSuffixLen) {
+        return false;
+    }
+    const char * suffix = path.c_str() + path.size() - kSplitSuffixLen;
+    const char * pattern = "-#####-of-#####.gguf";
+    uint32_t numbers[2] = {0, 0};
+    for (size_t i = 0; i < kSplitSuffixLen; ++i) {
+        if (pattern[i] != '#') {
+            if (suffix[i] != pattern[i]) {
+                return false;
+            }
+        } else if (suffix[i] < '0' || suffix[i] > '9') {
+            return false;
+        } else {
+            uint32_t & n = numbers[i < 6 ? 0 : 1];
+            n = n * 10 + uint32_t(suffix[i] - '0');
+        }
+    }
+    if (numbers[0] == 0 || numbers[0] > numbers[1]) {
+        return false;  // not a name gguf-split writes
+    }
+    out.prefix = path.substr(0, path.size() - kSplitSuffixLen);
+    out.no = numbers[0];
+    out.count = numbers[1];
+    return true;
+}
+
+std::string split_path(const SplitName & name, uint32_t no) {
+    return name.prefix + format("-%05u-of-%05u.gguf", no, name.count);
+}
+
+// Runs `fn`; a dsv4::Error it throws gets `context` (which names the file) before its message.
+template <typename F> void with_context(const std::string & context, F && fn) {
+    try {
+        fn();
+    } catch (const Error & e) {
+        throw Error(e.status(), context + e.what());
+    }
+}
+
+// A part's split keys as llama.cpp writes them: split.no (u16, from 0), split.count (u16) and
+// split.tensors.count (i32, the tensors of all parts); any integer type whose value fits is read.
+struct SplitKeys {
+    bool present = false;  // split.no and split.count are there
+    uint32_t no = 0;
+    uint32_t count = 1;
+    bool has_total = false;
+    uint32_t total = 0;
+};
+
+uint32_t split_key(const GgufPart & p, const char * key, bool & present) {
+    const GgufValue * v = p.find(key);
+    present = v != nullptr;
+    if (v == nullptr) {
+        return 0;
+    }
+    if (!is_int(v->type)) {
+        fail(DSV4_ERR_BAD_KEY, "'%s': metadata key '%s' has type %s, expected an integer", p.path.c_str(), key,
+             gguf_type_name(v->type));
+    }
+    uint32_t value = 0;
+    with_context(format("'%s': ", p.path.c_str()), [&] { value = to_u32(key, v->type, v->data); });
+    return value;
+}
+
+SplitKeys read_split_keys(const GgufPart & p) {
+    SplitKeys k;
+    bool has_no = false, has_count = false;
+    k.no = split_key(p, "split.no", has_no);
+    k.count = split_key(p, "split.count", has_count);
+    k.total = split_key(p, "split.tensors.count", k.has_total);
+    if (!has_no && !has_count) {
+        k.count = 1;
+        return k;
+    }
+    if (!has_no || !has_count) {
+        fail(DSV4_ERR_CORRUPT, "'%s' has the split key '%s' but not '%s'", p.path.c_str(),
+             has_no ? "split.no" : "split.count", has_no ? "split.count" : "split.no");
+    }
+    if (k.count == 0 || k.no >= k.count) {
+        fail(DSV4_ERR_CORRUPT, "'%s' says it is part %u (split.no, from 0) of %u (split.count)", p.path.c_str(), k.no,
+             k.count);
+    }
+    k.present = true;
+    return k;
+}
+
+// Opens, maps and parses one file; errors of the parse (which know offsets, not files) get
+// `context` before them.
+std::unique_ptr<GgufPart> open_part(const std::string & path, const std::string & map_context,
+                                    const std::string & parse_context) {
+    auto p = std::make_unique<GgufPart>();
+    with_context(map_context, [&] { map_part(*p, path); });
+    with_context(parse_context, [&] { parse_part(*p); });
+    return p;
+}
+
+std::string part_context(const SplitName & name, uint32_t no, const std::string & path) {
+    return format("split GGUF part %u of %u '%s': ", no, name.count, path.c_str());
+}
+
+// Opens the other parts of the split model `given` belongs to, by name, and checks that each is
+// the part its name says, of the same set.
+std::vector<std::unique_ptr<GgufPart>> open_split(std::unique_ptr<GgufPart> given, const SplitName & name) {
+    std::vector<std::unique_ptr<GgufPart>> parts(name.count);
+    parts[name.no - 1] = std::move(given);
+    for (uint32_t i = 0; i < name.count; ++i) {
+        if (parts[i] == nullptr) {
+            const std::string path = split_path(name, i + 1);
+            parts[i] = open_part(path, format("split GGUF part %u of %u: ", i + 1, name.count),
+                                  part_context(name, i + 1, path));
+        }
+        const GgufPart & p = *parts[i];
+        const SplitKeys k = read_split_keys(p);
+        if (!k.present) {
+            fail(DSV4_ERR_CORRUPT,
+                 "split GGUF part %u of %u '%s' has no split.no and split.count keys: it is not a part of a split model",
+                 i + 1, name.count, p.path.c_str());
+        }
+        if (k.no != i || k.count != name.count) {
+            fail(DSV4_ERR_CORRUPT,
+                 "split GGUF part %u of %u '%s' says it is part %u of %u (split.no %u, split.count %u): a renamed, "
+                 "duplicated or foreign part", i + 1, name.count, p.path.c_str(), k.no + 1, k.count, k.no, k.count);
+        }
+    }
+    // the parts of one split agree on the tensors of the whole (a part of another model or of
+    // another split of this one usually does not)
+    const SplitKeys first = read_split_keys(*parts[0]);
+    for (uint32_t i = 1; i < name.count; ++i) {
+        const SplitKeys k = read_split_keys(*parts[i]);
+        if (first.has_total && k.has_total && k.total != first.total) {
+            fail(DSV4_ERR_CORRUPT,
+                 "split GGUF part %u of %u '%s' belongs to a split of %u tensors (split.tensors.count), but part 1 "
+                 "'%s' to one of %u: a part of another split model", i + 1, name.count, parts[i]->path.c_str(), k.total,
+                 parts[0]->path.c_str(), first.total);
+        }
+    }
+    return parts;
+}
+
+}  // namespace
+
+std::unique_ptr<GgufFile> GgufFile::open(const std::string & path) {
+    std::unique_ptr<GgufFile> f(new GgufFile());
+    SplitName name;
+    const bool split_named = parse_split_name(path, name);
+    // a plain file reports its malformations as it always has; a part's name the part
+    std::unique_ptr<GgufPart> given = open_part(path, "", split_named ? part_context(name, name.no, path) : "");
+    const SplitKeys keys = read_split_keys(*given);
+    if (keys.count > 1) {
+        if (!split_named) {
+            fail(DSV4_ERR_CORRUPT,
+                 "'%s' is part %u of a model split into %u files (split.no, split.count), but its name does not end "
+                 "in -%05u-of-%05u.gguf, which names the other parts (rename the parts as gguf-split wrote them)",
+                 path.c_str(), keys.no + 1, keys.count, keys.no + 1, keys.count);
+        }
+        f->parts_ = open_split(std::move(given), name);
+    } else {
+        f->parts_.push_back(std::move(given));
+    }
+    f->merge_tensors();
+    return f;
+}
+
+// One table of the tensors of every part, in part order; each name once across the parts.
+void GgufFile::merge_tensors() {
+    size_t n = 0;
+    std::string per_part;  // "part 1: 31, part 2: 18, ...", for the error below
+    for (size_t ip = 0; ip < parts_.size(); ++ip) {
+        n += parts_[ip]->tensors.size();
+        if (ip < 16) {
+            per_part += format("%spart %zu: %zu", ip ? ", " : "", ip + 1, parts_[ip]->tensors.size());
+        }
+    }
+    per_part += parts_.size() > 16 ? ", ..." : "";
+    tensors_.reserve(n);
+    tensor_index_.reserve(n);
+    for (uint32_t ip = 0; ip < uint32_t(parts_.size()); ++ip) {
+        for (GgufTensorInfo & ti : parts_[ip]->tensors) {
+            ti.part = ip;
+            const auto [it, fresh] = tensor_index_.emplace(ti.name, tensors_.size());
+            if (!fresh) {
+                const uint32_t other = tensors_[it->second].part;
+                fail(DSV4_ERR_CORRUPT, "split GGUF part %u of %zu '%s' holds tensor '%s', which part %u '%s' holds too",
+                     ip + 1, parts_.size(), parts_[ip]->path.c_str(), printable(ti.name).c_str(), other + 1,
+                     parts_[other]->path.c_str());
+            }
+            tensors_.push_back(std::move(ti));
+        }
+        parts_[ip]->tensors.clear();  // moved into the table above
+    }
+    const SplitKeys keys = read_split_keys(*parts_[0]);
+    if (keys.present && keys.has_total && keys.total != tensors_.size()) {
+        fail(DSV4_ERR_CORRUPT, "split GGUF '%s': split.tensors.count says the model has %u tensors, but its %zu part%s "
+             "hold%s %zu (%s; a part from another split?)", parts_[0]->path.c_str(), keys.total, parts_.size(),
+             parts_.size() == 1 ? "" : "s", parts_.size() == 1 ? "s" : "", tensors_.size(), per_part.c_str());
+    }
 }
 
 }  // namespace dsv4

@@ -40,27 +40,55 @@ struct GgufTensorInfo {
     ggml_type type = GGML_TYPE_F32;
     uint32_t n_dims = 0;
     int64_t ne[GGML_MAX_DIMS] = {1, 1, 1, 1};
-    uint64_t offset = 0;   // absolute offset of the data in the file
+    uint64_t offset = 0;   // absolute offset of the data in its file (GgufFile::data reads it)
     uint64_t nbytes = 0;
+    uint32_t part = 0;     // the file holding it: 0, or its part of a split model (0-based)
 };
 
+// One mapped GGUF file: a whole model, or one part of a model split by llama.cpp's gguf-split
+// (every part has its own header, tensor table and data section; only the first carries the
+// model's metadata, the others just the split.* keys).
+struct GgufPart {
+    std::string path;
+    int fd = -1;
+    const uint8_t * map = nullptr;
+    uint64_t size = 0;
+    uint32_t version = 0;
+    uint32_t alignment = 32;
+    uint64_t data_offset = 0;
+    std::vector<std::string> key_order;
+    std::unordered_map<std::string, GgufValue> kv;
+    std::vector<GgufTensorInfo> tensors;   // this part's, in its order
+
+    GgufPart() = default;
+    ~GgufPart();
+    GgufPart(const GgufPart &) = delete;
+    GgufPart & operator=(const GgufPart &) = delete;
+
+    const GgufValue * find(std::string_view key) const;
+};
+
+// A model's GGUF: one file, or every part of a split model seen as one (the first part's
+// metadata, the tensors of all parts in part order).
 class GgufFile {
   public:
-    // Opens and parses `path`; throws dsv4::Error (IO, NOT_GGUF, TRUNCATED, CORRUPT).
+    // Opens and parses `path`: a single GGUF, or any part of a split model, whose other parts
+    // are found by name (PREFIX-00001-of-00003.gguf …) and opened too. Throws dsv4::Error (IO,
+    // NOT_GGUF, TRUNCATED, CORRUPT, BAD_KEY); an error in a part names that part.
     static std::unique_ptr<GgufFile> open(const std::string & path);
-    ~GgufFile();
     GgufFile(const GgufFile &) = delete;
     GgufFile & operator=(const GgufFile &) = delete;
 
-    const std::string & path() const { return path_; }
-    uint32_t version() const { return version_; }
-    uint64_t file_size() const { return size_; }
-    uint64_t data_offset() const { return data_offset_; }
-    uint32_t alignment() const { return alignment_; }
-    const uint8_t * map() const { return map_; }
+    const std::string & path() const { return parts_[0]->path; }  // the first part's
+    uint32_t version() const { return parts_[0]->version; }
+    uint32_t alignment() const { return parts_[0]->alignment; }
+    size_t n_parts() const { return parts_.size(); }
+    const GgufPart & part(size_t i) const { return *parts_[i]; }
+    // The mapped bytes of a tensor of this file (in whichever part holds it).
+    const uint8_t * data(const GgufTensorInfo & ti) const { return parts_[ti.part]->map + ti.offset; }
 
-    const GgufValue * find(std::string_view key) const;
-    const std::vector<std::string> & keys() const { return key_order_; }
+    const GgufValue * find(std::string_view key) const { return parts_[0]->find(key); }
+    const std::vector<std::string> & keys() const { return parts_[0]->key_order; }
     const std::vector<GgufTensorInfo> & tensors() const { return tensors_; }
     const GgufTensorInfo * find_tensor(std::string_view name) const;
 
@@ -88,18 +116,10 @@ class GgufFile {
 
   private:
     GgufFile() = default;
-    void parse();
+    void merge_tensors();
     const GgufValue & require(const char * key) const;
 
-    std::string path_;
-    int fd_ = -1;
-    const uint8_t * map_ = nullptr;
-    uint64_t size_ = 0;
-    uint32_t version_ = 0;
-    uint32_t alignment_ = 32;
-    uint64_t data_offset_ = 0;
-    std::vector<std::string> key_order_;
-    std::unordered_map<std::string, GgufValue> kv_;
+    std::vector<std::unique_ptr<GgufPart>> parts_;
     std::vector<GgufTensorInfo> tensors_;
     std::unordered_map<std::string, size_t> tensor_index_;
 };

@@ -61,7 +61,7 @@ void check_tid2eid(const dsv4_hparams & hp, const Weights & w, const GgufFile & 
         if (!is_table) {
             continue;
         }
-        const int32_t * ids = reinterpret_cast<const int32_t *>(f.map() + b.info->offset);
+        const int32_t * ids = reinterpret_cast<const int32_t *>(f.data(*b.info));
         const int64_t n = ggml_nelements(b.tensor);
         for (int64_t i = 0; i < n; ++i) {
             if (ids[i] < 0 || uint32_t(ids[i]) >= hp.n_expert) {
@@ -130,20 +130,26 @@ Placement plan_placement(const dsv4_model & m, const std::vector<WeightBinder::B
     return pl;
 }
 
-// Places the weights read in place in the mapped file, allocates one buffer per buffer type for
-// the copies and places them there; returns the bytes copied.
+// Places the weights read in place in the mapped files (one host buffer per file: a split model
+// has several), allocates one buffer per buffer type for the copies and places them there;
+// returns the bytes copied.
 size_t allocate_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound, const Placement & pl) {
     const dsv4_model_params & p = m.params;
-    uint8_t * base = const_cast<uint8_t *>(m.file->map());
-    m.weights_buf = ggml_backend_cpu_buffer_from_ptr(base, size_t(m.file->file_size()));
-    if (m.weights_buf == nullptr) {
-        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a backend buffer");
+    const GgufFile & f = *m.file;
+    for (size_t ip = 0; ip < f.n_parts(); ++ip) {
+        const GgufPart & part = f.part(ip);
+        ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(const_cast<uint8_t *>(part.map), size_t(part.size));
+        if (buf == nullptr) {
+            fail(DSV4_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights of '%s' in a backend buffer", part.path.c_str());
+        }
+        m.weights_bufs.push_back(buf);
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     }
-    ggml_backend_buffer_set_usage(m.weights_buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     for (size_t i = 0; i < bound.size(); ++i) {
-        if (pl.target[i] < 0 &&
-            ggml_backend_tensor_alloc(m.weights_buf, bound[i].tensor, base + bound[i].info->offset) != GGML_STATUS_SUCCESS) {
-            fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", bound[i].info->name.c_str());
+        const GgufTensorInfo & ti = *bound[i].info;
+        if (pl.target[i] < 0 && ggml_backend_tensor_alloc(m.weights_bufs[ti.part], bound[i].tensor,
+                                                          const_cast<uint8_t *>(f.data(ti))) != GGML_STATUS_SUCCESS) {
+            fail(DSV4_ERR_INTERNAL, "cannot place tensor '%s'", ti.name.c_str());
         }
     }
     size_t copied = 0;
@@ -182,18 +188,20 @@ size_t allocate_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> &
 void fill_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound, const Placement & pl) {
     const GgufFile & f = *m.file;
     const dsv4_model_params & p = m.params;
-    const uint8_t * base = f.map();
     uint64_t total = 0, done = 0;
     for (const WeightBinder::Bound & b : bound) {
         total += b.info->nbytes;
     }
     if (p.prefetch) {
-        madvise(const_cast<uint8_t *>(base), size_t(f.file_size()), MADV_WILLNEED);
+        for (size_t ip = 0; ip < f.n_parts(); ++ip) {
+            madvise(const_cast<uint8_t *>(f.part(ip).map), size_t(f.part(ip).size), MADV_WILLNEED);
+        }
     }
     const long page = sysconf(_SC_PAGESIZE);
     volatile uint8_t sink = 0;
     for (size_t i = 0; i < bound.size(); ++i) {
         const GgufTensorInfo & ti = *bound[i].info;
+        const uint8_t * base = f.part(ti.part).map;  // ti.offset is within its part
         if (pl.target[i] >= 0) {
             ggml_backend_tensor_set(bound[i].tensor, base + ti.offset, 0, ti.nbytes);
             // the copy is all the graph reads: release the mapped pages it came from
@@ -260,7 +268,7 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
         m->fingerprint = fnv1a(ti.name.data(), ti.name.size(), m->fingerprint);
         m->fingerprint = fnv1a(&ti.type, sizeof(ti.type), m->fingerprint);
         m->fingerprint = fnv1a(ti.ne, sizeof(ti.ne), m->fingerprint);
-        m->fingerprint = fnv1a(f.map() + ti.offset, size_t(std::min<uint64_t>(ti.nbytes, 256)), m->fingerprint);
+        m->fingerprint = fnv1a(f.data(ti), size_t(std::min<uint64_t>(ti.nbytes, 256)), m->fingerprint);
     }
     m->table.reserve(f.tensors().size());
     for (const GgufTensorInfo & ti : f.tensors()) {
@@ -274,9 +282,11 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
         }
         t.offset = ti.offset;
         t.nbytes = ti.nbytes;
+        t.file = int32_t(ti.part);
         const ggml_tensor * w = ggml_get_tensor(m->ctx_meta, ti.name.c_str());
-        t.placement = w == nullptr || w->buffer == nullptr || w->buffer == m->weights_buf
-                          ? "mapped" : ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
+        const bool mapped = w == nullptr || w->buffer == nullptr ||
+                            std::find(m->weights_bufs.begin(), m->weights_bufs.end(), w->buffer) != m->weights_bufs.end();
+        t.placement = mapped ? "mapped" : ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
         m->table.push_back(t);
     }
     return m;
@@ -288,8 +298,8 @@ dsv4_model::~dsv4_model() {
     for (ggml_backend_buffer_t b : copy_bufs) {
         ggml_backend_buffer_free(b);
     }
-    if (weights_buf != nullptr) {
-        ggml_backend_buffer_free(weights_buf);
+    for (ggml_backend_buffer_t b : weights_bufs) {
+        ggml_backend_buffer_free(b);
     }
     if (ctx_meta != nullptr) {
         ggml_free(ctx_meta);
