@@ -552,6 +552,15 @@ class Builder:
                     f"mix_experts: {outs!r} and weights {weights!r} do not match")
         return self._emit(name or "mixed", (outs.dim(0), outs.dim(2)), "mix_experts(ctx, {}, {})", outs, weights)
 
+    def concat(self, a: Value, c: Value, name: str | None = None) -> Value:
+        """`a` then `c` along ne0 (every other dimension equal)."""
+        self._tensor(a, "concat input")
+        self._tensor(c, "concat input")
+        self._check(len(a.shape) == len(c.shape) and all(same(x, y) for x, y in zip(a.shape[1:], c.shape[1:])),
+                    f"concat: {a!r} and {c!r} differ beyond ne0")
+        width = 2 * a.dim(0) if same(a.dim(0), c.dim(0)) else a.dim(0) + c.dim(0)
+        return self._emit(name or "joined", (width, *a.shape[1:]), "ggml_concat(ctx, {}, {}, 0)", a, c)
+
     def repeat_streams(self, e: Value, n: Any, name: str | None = None) -> Value:
         """ne{D, T} -> ne{D, n, T}: the same vector in every stream (§3.1)."""
         self._tensor(e, "repeat_streams input")

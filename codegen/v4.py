@@ -267,11 +267,16 @@ HC_SPLIT = Output(None, ctype="HcSplit", fields={
     "y": ((D, T), "f32"), "post": ((HC, T), "f32"), "comb": ((HC, HC, T), "f32")})
 
 
+@block("token_rows", "§3.1", params=[], output=Output((D, T)), scope="model")
+def token_rows(b, W):
+    """Each token's embedding row."""
+    return b.get_rows(W.token_embd, b.tokens)
+
+
 @block("embed", "§3.1", params=[], output=Output((D, HC, T)), scope="model")
 def embed(b, W):
     """Token embeddings, copied into every hyper-connection stream."""
-    e = b.get_rows(W.token_embd, b.tokens)
-    return b.repeat_streams(e, HC)
+    return b.repeat_streams(b.invoke(token_rows, name="e"), HC)
 
 
 @block("hc_pre", "§3.2", output=HC_SPLIT, scope="step",
@@ -380,10 +385,28 @@ def layer(b, L, X):
     return b.hc_post(f, X, h["post"], h["comb"], name="X_ffn")
 
 
-@block("output_head", "§3.9", params=[("X", (D, HC, T))], output=Output((n_vocab, T)), scope="model")
-def output_head(b, W, X):
-    """HC head (pre weights only, no Sinkhorn), final RMSNorm, LM head."""
+@block("head", "§3.9", params=[("X", (D, HC, T)), ("norm", (D,))], output=Output((n_vocab, T)), scope="model")
+def head(b, W, X, norm):
+    """HC head (pre weights only, no Sinkhorn), final RMSNorm with `norm`, LM head."""
     mixes = b.linear(W.output_hc_fn, b.rms_norm(b.flatten(X)))
     pre = b.scale(b.sigmoid(b.add(b.mul(mixes, W.output_hc_scale), W.output_hc_base)), 1.0, hc_eps)
-    y = b.rms_norm(b.hc_sum(X, pre), W.output_norm)
+    y = b.rms_norm(b.hc_sum(X, pre), norm)
     return b.linear(W.output, y)
+
+
+@block("output_head", "§3.9", params=[("X", (D, HC, T))], output=Output((n_vocab, T)), scope="model")
+def output_head(b, W, X):
+    """The trunk's logits: the head with the final norm."""
+    return b.invoke(head, X, W.output_norm)
+
+
+@block("mtp_input", "§3.10", params=[("Xprev", (D, HC, T)), ("e", (D, T))], output=Output((D, HC, T)))
+def mtp_input(b, L, Xprev, e):
+    """The MTP block's input rows: each row's token embedding `e` (normed once, the same in every
+    stream) beside the trunk's final streams at the previous position (normed per stream; all
+    zero at position 0), projected together: X[k] = eh_proj·[e; ĥ[k]], e first. No residual.
+    The block then runs as a window-only layer and ends in the head (the MTP's own norm, falling
+    back to output_norm; the root HC head and LM head)."""
+    e = b.repeat_streams(b.rms_norm(e, L.nextn_enorm), HC)
+    h = b.rms_norm(Xprev, L.nextn_hnorm)
+    return b.linear(L.nextn_eh_proj, b.concat(e, h))

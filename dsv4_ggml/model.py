@@ -96,6 +96,10 @@ class Model:
     that layout, False ("none") reads every weight from the mapped file in place (`tensors`
     shows where each weight lives).
 
+    `mtp=True` also runs the file's MTP block (spec §3.10) over every token, with its own window
+    per sequence: `eval(..., mtp=True)` returns its logits beside the trunk's (one more layer per
+    token; a model without the block raises).
+
     `n_seq` sequence slots (each with its own state, for `eval_batch`, `truncate`, `copy_seq`);
     `"auto"`: 4 when their state takes at most half of the memory available after loading,
     else 1 (the server's default).
@@ -105,7 +109,8 @@ class Model:
                  backend: str = "cpu", n_ubatch: int = 512, cache_type: str = "f16",
                  flash_attn: bool = True, prefetch: bool = False, progress=None,
                  n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool | str = True,
-                 n_seq: int | str = 1, n_rollback: int = 32, checkpoint_interval: int = 1024, n_checkpoints: int = 8):
+                 n_seq: int | str = 1, n_rollback: int = 32, checkpoint_interval: int = 1024, n_checkpoints: int = 8,
+                 mtp: bool = False):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         auto_seq = n_seq == "auto"
@@ -174,6 +179,8 @@ class Model:
         sp.flash_attn = bool(flash_attn)
         sp.n_seq, sp.n_rollback = n_seq, n_rollback
         sp.checkpoint_interval, sp.n_checkpoints = checkpoint_interval, n_checkpoints
+        sp.mtp = bool(mtp)
+        self.mtp = bool(mtp)
         sess = ffi.new("dsv4_session **")
         try:
             if auto_seq:
@@ -227,44 +234,71 @@ class Model:
             raise InvalidArgumentError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
         return np.ascontiguousarray(arr, dtype=np.int32)
 
-    def eval(self, tokens, logits: str = "all", *, seq: int = 0) -> np.ndarray:
+    def eval(self, tokens, logits: str = "all", *, seq: int = 0, mtp: bool = False):
         """Appends `tokens` to sequence `seq` (default 0) and returns their logits, float32
         `[len(tokens), n_vocab]` (`logits="all"`), or only the last row `[1, n_vocab]`
         (`logits="last"`). Raises (and leaves the state unchanged) on bad token ids and when
-        the tokens do not fit in n_ctx."""
-        return self.eval_batch({seq: tokens}, logits=logits)[self._seq(seq)]
+        the tokens do not fit in n_ctx. `mtp=True` (a model opened with mtp): a pair (trunk
+        logits, MTP logits), the MTP row of token t predicting token t + 1 from the trunk's
+        state at t − 1 and token t (§3.10)."""
+        return self.eval_batch({seq: tokens}, logits=logits, mtp=mtp)[self._seq(seq)]
 
-    def eval_batch(self, batch: dict, logits: str = "last") -> dict[int, np.ndarray]:
+    def eval_batch(self, batch: dict, logits: str = "last", mtp: bool = False) -> dict:
         """Appends tokens to several sequences at once, `{seq: tokens, ...}`, and returns
         `{seq: logits}` (each `[len(tokens), n_vocab]` with `logits="all"`, `[1, n_vocab]` with
         "last"). The sequences run together: each micro-batch reads the weights once for all of
         them (prompt chunks and single decode tokens mixed), each sequence attends to its own
         state, and each gets the logits it would get alone. Validates everything first: on an
-        error no sequence changes."""
+        error no sequence changes. `mtp=True`: `{seq: (logits, mtp_logits)}` (see `eval`)."""
         self._require_open()
         if not isinstance(batch, dict) or not batch:
             raise InvalidArgumentError("eval_batch needs a non-empty dict {seq: tokens}")
         if logits not in ("all", "last"):
             raise InvalidArgumentError(f"logits must be 'all' or 'last', got {logits!r}")
+        if mtp and not self.mtp:
+            raise InvalidArgumentError("MTP logits need a model opened with mtp=True")
         ffi, lib = self._ffi, self._lib
         entries = ffi.new("dsv4_seq_batch[]", len(batch))
-        keep, out = [], {}
+        keep, out, fed = [], {}, {}
         for i, (seq, tokens) in enumerate(batch.items()):
             seq = self._seq(seq)
-            toks = self._token_array(tokens)
+            toks = fed[seq] = self._token_array(tokens)
             rows = len(toks) if logits == "all" else 1
             res = np.empty((rows, self.n_vocab), dtype=np.float32)
+            if mtp:
+                res_mtp = np.empty((rows, self.n_vocab), dtype=np.float32)
+                entries[i].mtp_logits = ffi.cast("float *", res_mtp.ctypes.data)
+                keep.append(res_mtp)
             entries[i].seq = seq
             entries[i].tokens = ffi.cast("const int32_t *", toks.ctypes.data)
             entries[i].n_tokens = len(toks)
             entries[i].logits = ffi.cast("float *", res.ctypes.data)
             entries[i].out_rows = rows
             keep.append(toks)
-            out[seq] = res
+            out[seq] = (res, res_mtp) if mtp else res
         _native.check(lib.dsv4_session_eval_batch(self._session, entries, len(batch)))
-        for (seq, res), toks in zip(out.items(), keep):
-            self._seqs[seq].extend(int(t) for t in toks)
-            self._last[seq] = res[-1]
+        for seq, res in out.items():
+            self._seqs[seq].extend(int(t) for t in fed[seq])
+            self._last[seq] = (res[0] if mtp else res)[-1]
+        return out
+
+    def mtp_draft(self, token: int, offset: int = 0, seq: int = 0) -> np.ndarray:
+        """One MTP draft row (a model opened with mtp=True; spec §3.10): the MTP block alone for
+        `token` placed `offset` positions after the tokens sequence `seq` holds, from the trunk's
+        state at the position before (offset 0: `token` is the one sampled after them) or the
+        previous draft row's output (offset k: after drafting offset k − 1); returns the logits
+        `[n_vocab]` of the token after it. The sequence does not change: its next eval overwrites
+        the draft rows."""
+        self._require_open()
+        seq = self._seq(seq)
+        if not self.mtp:
+            raise InvalidArgumentError("mtp_draft needs a model opened with mtp=True")
+        for name, v in (("token", token), ("offset", offset)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InvalidArgumentError(f"{name} must be an integer, got {v!r}")
+        out = np.empty(self.n_vocab, dtype=np.float32)
+        _native.check(self._lib.dsv4_session_mtp_draft(self._session, seq, int(token), int(offset),
+                                                       self._ffi.cast("float *", out.ctypes.data)))
         return out
 
     def truncate(self, n: int, seq: int = 0) -> None:

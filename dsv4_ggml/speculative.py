@@ -17,8 +17,8 @@ per token and the recent acceptance rate, it picks the K with the most tokens pe
 (expected accepted tokens (1 - a^(K+1)) / (1 - a) over the step's time); K = 0 is plain
 decoding, probed again now and then, so a drafter that never agrees costs little.
 
-Drafters: `ModelDrafter` (any smaller DeepSeek-V4 GGUF with the same vocabulary, e.g. a
-DSpark-style draft, or a tiny model). The MTP head will draft through the same interface.
+Drafters: `MtpDrafter` (the model's own MTP block, `draft="mtp"`) and `ModelDrafter` (any
+smaller DeepSeek-V4 GGUF with the same vocabulary, e.g. a DSpark-style draft, or a tiny model).
 """
 from __future__ import annotations
 
@@ -65,6 +65,39 @@ class ModelDrafter:
             dists.append((ids, probs))
             if i + 1 < k:
                 logits = m.eval([t], logits="last")[0]
+        return drafts, dists
+
+
+class MtpDrafter:
+    """Drafts with the target's own MTP block (spec §3.10; the target opened with mtp=True): the
+    first draft row pairs the trunk's state at the last evaluated position with the token just
+    sampled, each further row the MTP block's own output with the previous draft (llama.cpp's
+    draft-mtp). Greedy, or by sampling with `params`."""
+
+    def __init__(self, params: SamplingParams | None = None):
+        self.sampler = Sampler(params if params is not None else SamplingParams(temperature=0.0))
+        self.model = None
+
+    def check_compatible(self, target) -> None:
+        if not getattr(target, "mtp", False):
+            raise InvalidArgumentError("MTP drafting needs the model opened with mtp=True (and a file with an MTP block)")
+        self.model = target
+
+    def propose(self, context: Sequence[int], k: int, rng: np.random.Generator | None = None
+                ) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        m = self.model
+        held = m._tokens
+        if len(context) != len(held) + 1 or list(context[:-1]) != held:
+            raise InvalidArgumentError("MTP drafting goes on from the tokens the target holds and the one sampled after them")
+        rng = rng if rng is not None else self.sampler.rng
+        k = min(k, m.n_ctx - 1 - len(context), 31)
+        drafts, dists, t = [], [], int(context[-1])
+        for i in range(max(k, 0)):
+            logits = m.mtp_draft(t, offset=i)
+            ids, probs = self.sampler.distribution(logits, list(context) + drafts)
+            t = int(ids[rng.choice(len(ids), p=probs)]) if len(ids) > 1 else int(ids[0])
+            drafts.append(t)
+            dists.append((ids, probs))
         return drafts, dists
 
 
@@ -201,9 +234,11 @@ class Drafting:
 
     @classmethod
     def of(cls, draft, n_draft: int = 2, adaptive: bool = True) -> "Drafting | None":
-        """`draft` as a Drafting: None, a Drafting, or a draft `Model`."""
+        """`draft` as a Drafting: None, a Drafting, "mtp" (the model's own MTP block) or a draft `Model`."""
         if draft is None or isinstance(draft, Drafting):
             return draft
+        if draft == "mtp":
+            return cls(MtpDrafter(), n_draft, adaptive)
         if all(hasattr(draft, a) for a in ("_feed", "eval", "n_vocab", "n_ctx")):   # a Model (no import: no cycle)
             return cls(ModelDrafter(draft), n_draft, adaptive)
         raise InvalidArgumentError(f"draft must be a dsv4_ggml.Model (the draft model) or a Drafting, "

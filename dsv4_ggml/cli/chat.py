@@ -19,7 +19,7 @@ def add_arguments(ch) -> None:
 
 def run(args) -> int:
     path = args.model or _default_model()
-    m = _open_model(path, args.ctx, args.threads, **backend_kwargs(args))
+    m = _open_model(path, args.ctx, args.threads, mtp=args.draft == "mtp", **backend_kwargs(args))
     draft = _drafting(args, m)
     interactive = sys.stdin.isatty()
     messages: list[dict] = []

@@ -59,6 +59,8 @@ def _default_model() -> str:
 
 
 def _draft_args(p) -> None:
+    p.add_argument("--draft", choices=("mtp",), default=None,
+                   help="speculative decoding drafted by the model's own MTP block (a file with one)")
     p.add_argument("--draft-model", default=None,
                    help="speculative decoding with this smaller DeepSeek-V4 GGUF as the drafter (same vocabulary)")
     p.add_argument("--n-draft", type=int, default=2, help="most drafts checked per step, 1..8 (default 2)")
@@ -67,7 +69,11 @@ def _draft_args(p) -> None:
 
 
 def _drafting(args, target):
-    """The `draft=` argument of generate for the --draft-model options (None without one)."""
+    """The `draft=` argument of generate for the --draft / --draft-model options (None without one)."""
+    if args.draft == "mtp":
+        from ..speculative import Drafting
+
+        return Drafting.of("mtp", args.n_draft, adaptive=not args.no_adaptive_draft)
     if not args.draft_model:
         return None
     from ..model import Model

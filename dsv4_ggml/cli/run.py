@@ -24,7 +24,7 @@ def run(args) -> int:
         print(f"(no -m given: using the embedded tiny DeepSeek-V4 model, random weights: {path})",
               file=sys.stderr)
     t0 = time.perf_counter()
-    m = _open_model(path, args.ctx, args.threads, **backend_kwargs(args))
+    m = _open_model(path, args.ctx, args.threads, mtp=args.draft == "mtp", **backend_kwargs(args))
     draft = _drafting(args, m)
     ids = m.tokenize(args.prompt)
     t_load = time.perf_counter() - t0

@@ -11,6 +11,16 @@
 
 namespace dsv4 {
 
+// §3.1 token_rows
+// Each token's embedding row.
+ggml_tensor * token_rows(Step & s, const Weights & W) {
+    const Scope scope(s, "token_rows");
+    ggml_context * ctx = s.ctx;
+
+    ggml_tensor * out = ggml_get_rows(ctx, W.token_embd, s.tokens);
+    return out;
+}
+
 // §3.1 embed
 // Token embeddings, copied into every hyper-connection stream.
 ggml_tensor * embed(Step & s, const Weights & W) {
@@ -19,7 +29,7 @@ ggml_tensor * embed(Step & s, const Weights & W) {
     ggml_context * ctx = s.ctx;
     const int64_t hc_mult = hp.hc_mult;
 
-    ggml_tensor * e = ggml_get_rows(ctx, W.token_embd, s.tokens);
+    ggml_tensor * e = token_rows(s, W);
     ggml_tensor * out = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, e, e->ne[0], 1, e->ne[1]), e->ne[0], hc_mult, e->ne[1], 1);
     return out;
 }
@@ -352,10 +362,10 @@ ggml_tensor * layer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor *
     return out;
 }
 
-// §3.9 output_head
-// HC head (pre weights only, no Sinkhorn), final RMSNorm, LM head.
-ggml_tensor * output_head(Step & s, const Weights & W, ggml_tensor * X) {
-    const Scope scope(s, "output_head");
+// §3.9 head
+// HC head (pre weights only, no Sinkhorn), final RMSNorm with `norm`, LM head.
+ggml_tensor * head(Step & s, const Weights & W, ggml_tensor * X, ggml_tensor * norm) {
+    const Scope scope(s, "head");
     ggml_context * ctx = s.ctx;
     const dsv4_hparams & hp = s.hp;
 
@@ -367,8 +377,37 @@ ggml_tensor * output_head(Step & s, const Weights & W, ggml_tensor * X) {
     ggml_tensor * mixes_prod_sum_sigmoid = ggml_sigmoid(ctx, mixes_prod_sum);
     ggml_tensor * pre = ggml_scale_bias(ctx, mixes_prod_sum_sigmoid, 1.0f, float(hp.hc_eps));
     ggml_tensor * y = ggml_dsv4_hc_pre(ctx, X, pre);
-    ggml_tensor * y_norm = ggml_mul(ctx, ggml_rms_norm(ctx, y, hp.norm_eps), W.output_norm);
+    ggml_tensor * y_norm = ggml_mul(ctx, ggml_rms_norm(ctx, y, hp.norm_eps), norm);
     ggml_tensor * out = ggml_mul_mat(ctx, W.output, y_norm);
+    return out;
+}
+
+// §3.9 output_head
+// The trunk's logits: the head with the final norm.
+ggml_tensor * output_head(Step & s, const Weights & W, ggml_tensor * X) {
+    const Scope scope(s, "output_head");
+
+    ggml_tensor * out = head(s, W, X, W.output_norm);
+    return out;
+}
+
+// §3.10 mtp_input
+// The MTP block's input rows: each row's token embedding `e` (normed once, the same in every
+// stream) beside the trunk's final streams at the previous position (normed per stream; all
+// zero at position 0), projected together: X[k] = eh_proj·[e; ĥ[k]], e first. No residual.
+// The block then runs as a window-only layer and ends in the head (the MTP's own norm, falling
+// back to output_norm; the root HC head and LM head).
+ggml_tensor * mtp_input(Step & s, const LayerWeights & L, [[maybe_unused]] uint32_t il, ggml_tensor * Xprev, ggml_tensor * e) {
+    const Scope scope(s, "mtp_input");
+    ggml_context * ctx = s.ctx;
+    const dsv4_hparams & hp = s.hp;
+    const int64_t hc_mult = hp.hc_mult;
+
+    ggml_tensor * e_norm = ggml_mul(ctx, ggml_rms_norm(ctx, e, hp.norm_eps), L.nextn_enorm);
+    ggml_tensor * X = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, e_norm, e_norm->ne[0], 1, e_norm->ne[1]), e_norm->ne[0], hc_mult, e_norm->ne[1], 1);
+    ggml_tensor * h = ggml_mul(ctx, ggml_rms_norm(ctx, Xprev, hp.norm_eps), L.nextn_hnorm);
+    ggml_tensor * joined = ggml_concat(ctx, X, h, 0);
+    ggml_tensor * out = ggml_mul_mat(ctx, L.nextn_eh_proj, joined);
     return out;
 }
 

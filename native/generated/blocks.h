@@ -15,6 +15,7 @@ struct HcSplit {
     ggml_tensor * comb;  // {hc_mult, hc_mult, T}
 };
 
+ggml_tensor * token_rows(Step & s, const Weights & W);
 ggml_tensor * embed(Step & s, const Weights & W);
 HcSplit hc_pre(Step & s, ggml_tensor * X, ggml_tensor * fn, ggml_tensor * scale, ggml_tensor * base);
 ggml_tensor * compress_csa(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x);
@@ -27,7 +28,9 @@ ggml_tensor * attention_hca(Step & s, const LayerWeights & L, uint32_t il, ggml_
 ggml_tensor * moe_hash(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x);
 ggml_tensor * moe_routed(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x);
 ggml_tensor * layer(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * X);
+ggml_tensor * head(Step & s, const Weights & W, ggml_tensor * X, ggml_tensor * norm);
 ggml_tensor * output_head(Step & s, const Weights & W, ggml_tensor * X);
+ggml_tensor * mtp_input(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * Xprev, ggml_tensor * e);
 ggml_tensor * attention(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x);
 ggml_tensor * moe(Step & s, const LayerWeights & L, uint32_t il, ggml_tensor * x);
 

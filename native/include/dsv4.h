@@ -162,6 +162,9 @@ typedef struct dsv4_session_params {
     int32_t checkpoint_interval; /* a copy of a sequence's ring rows every this many tokens, for
                                   rolling back further (0: none; default 1024) */
     int32_t n_checkpoints;     /* the most recent checkpoints kept per sequence (default 8) */
+    bool mtp;                  /* also run the model's MTP block (spec §3.10) over every token, keeping
+                                  its own window per sequence: its logits come with the trunk's
+                                  (dsv4_seq_batch.mtp_logits); needs a model with one (default false) */
 } dsv4_session_params;
 
 typedef struct dsv4_session_stats {
@@ -236,6 +239,9 @@ typedef struct dsv4_seq_batch {
     int64_t n_tokens;
     float * logits;            /* out_rows rows of n_vocab floats (NULL when out_rows is 0) */
     int64_t out_rows;          /* n_tokens: every token's logits; 1: the last token's; 0: none */
+    float * mtp_logits;        /* NULL, or out_rows rows of the MTP block's logits for the same tokens
+                                  (the row of token t predicts token t + 1 from the trunk's state
+                                  at t − 1 and token t); needs a session created with mtp */
 } dsv4_seq_batch;
 
 /* Appends each entry's tokens to its sequence and computes them together: every micro-batch
@@ -248,6 +254,13 @@ DSV4_API dsv4_status dsv4_session_eval_batch(dsv4_session * session, const dsv4_
 /* dsv4_session_eval_batch with one entry. */
 DSV4_API dsv4_status dsv4_session_eval(dsv4_session * session, int32_t seq, const int32_t * tokens, int64_t n_tokens,
                                        float * logits, int64_t out_rows);
+/* One MTP draft row (spec §3.10; a session created with mtp): the MTP block alone for `token` at
+ * position n_past + offset of sequence seq, its state being the trunk's final streams at the
+ * previous position (offset 0) or the previous draft row's MTP output (offset > 0, after drafting
+ * offset − 1); writes n_vocab logits of the token after it. The sequence itself does not change
+ * (its next eval overwrites the draft rows); offset < n_rollback. */
+DSV4_API dsv4_status dsv4_session_mtp_draft(dsv4_session * session, int32_t seq, int32_t token, int64_t offset,
+                                            float * logits);
 /* Keeps the first n tokens of sequence seq and forgets the rest: what follows is computed as if the
  * forgotten tokens had never been seen. Costs nothing when n is within n_rollback tokens of the
  * furthest the sequence has been since it was last reset, restored or loaded; otherwise it restores

@@ -279,6 +279,7 @@ dsv4_session_params dsv4_session_default_params(void) {
     p.n_rollback = 32;
     p.checkpoint_interval = 1024;
     p.n_checkpoints = 8;
+    p.mtp = false;
     return p;
 }
 
@@ -302,7 +303,8 @@ dsv4_status dsv4_session_eval_batch(dsv4_session * session, const dsv4_seq_batch
         require(batch, "batch");
         std::vector<dsv4::SeqRequest> req;
         for (int32_t i = 0; i < n_seqs; ++i) {
-            req.push_back({batch[i].seq, batch[i].tokens, batch[i].n_tokens, batch[i].logits, batch[i].out_rows});
+            req.push_back({batch[i].seq, batch[i].tokens, batch[i].n_tokens, batch[i].logits, batch[i].out_rows,
+                           batch[i].mtp_logits});
         }
         dsv4::session_eval_batch(*session, req.data(), int64_t(req.size()));
     });
@@ -316,8 +318,17 @@ dsv4_status dsv4_session_eval(dsv4_session * session, int32_t seq, const int32_t
         if (out_rows > 0) {
             require(logits, "logits");
         }
-        const dsv4::SeqRequest req{seq, tokens, n_tokens, logits, out_rows};
+        const dsv4::SeqRequest req{seq, tokens, n_tokens, logits, out_rows, nullptr};
         dsv4::session_eval_batch(*session, &req, 1);
+    });
+}
+
+dsv4_status dsv4_session_mtp_draft(dsv4_session * session, int32_t seq, int32_t token, int64_t offset,
+                                   float * logits) {
+    return guarded([&] {
+        require(session, "session");
+        require(logits, "logits");
+        dsv4::session_mtp_draft(*session, seq, token, offset, logits);
     });
 }
 

@@ -15,8 +15,58 @@ namespace {
 
 constexpr size_t kMaxCachedGraphs = 6;
 
+// The rows `rows` (i32; nullptr: all) of streams X ne{D, HC, T}.
+ggml_tensor * out_rows(ggml_context * ctx, ggml_tensor * X, ggml_tensor * rows) {
+    if (rows == nullptr) {
+        return X;
+    }
+    ggml_tensor * flat = ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], X->ne[2]);
+    return ggml_reshape_3d(ctx, ggml_get_rows(ctx, flat, rows), X->ne[0], X->ne[1], rows->ne[0]);
+}
+
+// The MTP block's final norm: its own, else the trunk's (§3.10).
+ggml_tensor * mtp_norm(const dsv4_model & m) {
+    const LayerWeights & L = m.weights.layers[m.hp.n_layer];
+    return L.nextn_shared_head_norm != nullptr ? L.nextn_shared_head_norm : m.weights.output_norm;
+}
+
 size_t max_graph_nodes(const dsv4_hparams & hp) {
     return 4096 + size_t(hp.n_layer_all) * 1024;
+}
+
+// Expands the step's cache writes and ring overwrites last (graph order is expansion order), makes
+// the graph's scheduler and allocates it.
+void finish_graph(dsv4_session & s, CachedGraph & g, Step & st, size_t max_nodes) {
+    // Graph order is expansion order. Every ring overwrite must come after every read of the old
+    // ring: expand the cache writes, then the rows each overwrite writes (whose inputs reach all
+    // earlier layers, and so all their ring reads), and only then the overwrites themselves.
+    for (ggml_tensor * t : st.effects()) {
+        ggml_build_forward_expand(g.graph, t);
+    }
+    for (ggml_tensor * t : st.deferred()) {
+        ggml_build_forward_expand(g.graph, t->src[0]);
+    }
+    for (ggml_tensor * t : st.deferred()) {
+        ggml_build_forward_expand(g.graph, t);
+    }
+    // the scheduler runs each op on the backend of its weights; the CPU comes last (CUDA
+    // sessions: routed experts kept in host memory run there)
+    ggml_backend_t backends[2] = {s.backend.get(), s.cpu.get()};
+    const int n_backends = s.cpu != nullptr ? 2 : 1;
+    g.sched.reset(ggml_backend_sched_new(backends, nullptr, n_backends, max_nodes, false, false));
+    if (g.sched == nullptr) {
+        fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
+    }
+    if (s.profile != nullptr) {
+        ggml_backend_sched_set_eval_callback(g.sched.get(), profile_callback, s.profile.get());
+    }
+    if (!ggml_backend_sched_alloc_graph(g.sched.get(), g.graph)) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
+    }
+    s.n_graph_builds += 1;
+    if (std::getenv("DSV4_GRAPH_STATS") != nullptr) {
+        print_graph_stats(g.graph, s.plan.n_tokens);
+    }
 }
 
 // Builds and allocates the graph of s.plan: embedding, the trunk layers, the output head of the
@@ -27,7 +77,7 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     const dsv4_hparams & hp = m.hp;
     auto g = std::make_unique<CachedGraph>();
     g->key = key;
-    const size_t max_nodes = max_graph_nodes(hp) + size_t(key.segment_lengths.size()) * hp.n_layer * 64;
+    const size_t max_nodes = max_graph_nodes(hp) + size_t(key.segment_lengths.size()) * hp.n_layer_all * 64;
     const size_t mem = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
     g->mem.resize(mem);
     g->ctx.reset(ggml_init({mem, g->mem.data(), true}));
@@ -43,6 +93,17 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     st.flash_attn = s.params.flash_attn && s.cpu == nullptr;
     st.cpu = s.cpu == nullptr;
 
+    if (key.mtp_only) {  // an MTP draft step: the MTP block alone over one-token segments
+        const uint32_t il = hp.n_layer;
+        const LayerWeights & L = m.weights.layers[il];
+        ggml_tensor * Xm = layer(st, L, il, mtp_input(st, L, il, st.mtp_prev(il, nullptr), token_rows(st, m.weights)));
+        st.keep_final(il, Xm);   // the next draft row's state: the block's own output (§3.10)
+        g->logits = head(st, m.weights, Xm, mtp_norm(m));
+        ggml_set_output(g->logits);
+        ggml_build_forward_expand(g->graph, g->logits);
+        finish_graph(s, *g, st, max_nodes);
+        return g;
+    }
     ggml_tensor * X = embed(st, m.weights);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         if (il + 1 == hp.n_layer) {
@@ -53,47 +114,30 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
         }
         X = layer(st, m.weights.layers[il], il, X);
     }
+    // the MTP block (§3.10) over every token: its rows are (the trunk's final streams at the
+    // previous position, the token), at the token's position, through its own window layer
+    ggml_tensor * Xm = nullptr;
+    if (s.params.mtp) {
+        const uint32_t il = hp.n_layer;
+        const LayerWeights & L = m.weights.layers[il];
+        Xm = layer(st, L, il, mtp_input(st, L, il, st.mtp_prev(il, X), token_rows(st, m.weights)));
+        st.keep_final(il, X);
+    }
     if (key.n_out > 0) {
         if (key.n_out < st.n_tokens) {  // only the rows whose logits are wanted, before the HC head (§3.9)
             g->out_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, key.n_out);
             ggml_set_input(g->out_rows);
-            ggml_tensor * flat = ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], X->ne[2]);
-            X = ggml_reshape_3d(ctx, ggml_get_rows(ctx, flat, g->out_rows), X->ne[0], X->ne[1], key.n_out);
         }
-        g->logits = output_head(st, m.weights, X);
+        g->logits = output_head(st, m.weights, out_rows(ctx, X, g->out_rows));
         ggml_set_output(g->logits);
         ggml_build_forward_expand(g->graph, g->logits);
+        if (Xm != nullptr) {
+            g->mtp_logits = head(st, m.weights, out_rows(ctx, Xm, g->out_rows), mtp_norm(m));
+            ggml_set_output(g->mtp_logits);
+            ggml_build_forward_expand(g->graph, g->mtp_logits);
+        }
     }
-    // Graph order is expansion order. Every ring overwrite must come after every read of the old
-    // ring: expand the cache writes, then the rows each overwrite writes (whose inputs reach all
-    // earlier layers, and so all their ring reads), and only then the overwrites themselves.
-    for (ggml_tensor * t : st.effects()) {
-        ggml_build_forward_expand(g->graph, t);
-    }
-    for (ggml_tensor * t : st.deferred()) {
-        ggml_build_forward_expand(g->graph, t->src[0]);
-    }
-    for (ggml_tensor * t : st.deferred()) {
-        ggml_build_forward_expand(g->graph, t);
-    }
-    // the scheduler runs each op on the backend of its weights; the CPU comes last (CUDA
-    // sessions: routed experts kept in host memory run there)
-    ggml_backend_t backends[2] = {s.backend.get(), s.cpu.get()};
-    const int n_backends = s.cpu != nullptr ? 2 : 1;
-    g->sched.reset(ggml_backend_sched_new(backends, nullptr, n_backends, max_nodes, false, false));
-    if (g->sched == nullptr) {
-        fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
-    }
-    if (s.profile != nullptr) {
-        ggml_backend_sched_set_eval_callback(g->sched.get(), profile_callback, s.profile.get());
-    }
-    if (!ggml_backend_sched_alloc_graph(g->sched.get(), g->graph)) {
-        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
-    }
-    s.n_graph_builds += 1;
-    if (std::getenv("DSV4_GRAPH_STATS") != nullptr) {
-        print_graph_stats(g->graph, s.plan.n_tokens);
-    }
+    finish_graph(s, *g, st, max_nodes);
     return g;
 }
 

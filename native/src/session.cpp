@@ -28,7 +28,25 @@ int default_threads() {
 struct OutRow {
     int32_t row;
     float * dst;
+    float * mtp_dst;   // the MTP block's logits of the row, or nullptr
 };
+
+int kind_index(RingKind kind) {
+    return kind == WINDOW ? 0 : kind == RATIO4 ? 1 : 2;
+}
+
+// Whether restoring checkpoint `c` leaves intact every ring row a sequence at n needs.
+bool checkpoint_reaches(const dsv4_session & s, const Checkpoint & c, int64_t n) {
+    for (RingKind kind : {WINDOW, RATIO4, RATIO128}) {
+        if ((kind == RATIO4 && !s.geo.has4) || (kind == RATIO128 && !s.geo.has128)) {
+            continue;
+        }
+        if (ring_start(s.model->hp, kind, n, 0) < c.lo[kind_index(kind)]) {
+            return false;
+        }
+    }
+    return true;
+}
 
 // Copies the ring rows sequence `slot` needs to go on from here (with the rollback slack) out to
 // host memory. Over n_checkpoints, the oldest interval checkpoint goes first, then the oldest
@@ -41,6 +59,9 @@ void take_checkpoint(dsv4_session & s, int32_t slot, bool prompt) {
     Checkpoint c;
     c.pos = sl.n_past;
     c.prompt = prompt;
+    for (RingKind kind : {WINDOW, RATIO4, RATIO128}) {
+        c.lo[kind_index(kind)] = std::max(ring_start(s.model->hp, kind, sl.n_past, s.geo.slack), ring_lo(sl, kind));
+    }
     c.rings.resize(rings_get(s, slot, sl.n_past, s.geo.slack, nullptr));
     rings_get(s, slot, sl.n_past, s.geo.slack, c.rings.data());
     sl.checkpoints.push_back(std::move(c));
@@ -100,6 +121,12 @@ void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_g
         for (uint32_t v = 0; v < hp.n_vocab && finite; ++v) {
             finite = std::isfinite(outs[i].dst[v]);
         }
+        if (outs[i].mtp_dst != nullptr) {
+            ggml_backend_tensor_get(g.mtp_logits, outs[i].mtp_dst, i * row_bytes, row_bytes);
+            for (uint32_t v = 0; v < hp.n_vocab && finite; ++v) {
+                finite = std::isfinite(outs[i].mtp_dst[v]);
+            }
+        }
     }
     if (!finite) {
         std::string where;
@@ -135,17 +162,18 @@ std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_sess
 
     // state tensors, sized from n_ctx, the slots and the compress ratios (§4.1)
     s->geo = make_geometry(hp, params.n_ctx, params.n_seq, params.n_rollback);
-    const size_t n_tensors = size_t(hp.n_layer) * 7 + 1;
+    const size_t n_tensors = size_t(hp.n_layer) * 7 + 3;
     s->ctx_state.reset(ggml_init({ggml_tensor_overhead() * n_tensors, nullptr, true}));
-    s->layers.resize(hp.n_layer);
+    s->layers.resize(hp.n_layer + (params.mtp ? 1 : 0));
     state_bytes(hp, params);  // checks that the sizes do not overflow
-    for_each_state_tensor(hp, s->geo, ggml_type(params.cache_type),
+    for_each_state_tensor(hp, s->geo, ggml_type(params.cache_type), params.mtp,
                           [&](uint32_t il, const char * name, ggml_type type, int64_t ne0, int64_t ne1) {
         LayerState & L = s->layers[il];
         ggml_tensor * t = ggml_new_tensor_2d(s->ctx_state.get(), type, ne0, ne1);
         ggml_format_name(t, "%s.%u", name, unsigned(il));
         const std::string n = name;
         ggml_tensor ** slot = n == "window" ? &L.window
+                            : n == "xfin" ? &L.xfin
                             : n == "comp_kv" ? &L.main.kv
                             : n == "comp_score" ? &L.main.score
                             : n == "comp_cache" ? &L.main.cache
@@ -209,6 +237,9 @@ void session_eval_batch(dsv4_session & s, const SeqRequest * req, int64_t n_req)
         if (q.out_rows > 0 && q.logits == nullptr) {
             fail(DSV4_ERR_INVALID_ARGUMENT, "eval: sequence %d asks for logits but gives no buffer", int(q.seq));
         }
+        if (q.mtp_logits != nullptr && !s.params.mtp) {
+            fail(DSV4_ERR_INVALID_ARGUMENT, "eval: MTP logits need a session created with mtp");
+        }
     }
     // Micro-batches of at most n_ubatch tokens, filled in request order with one-token requests
     // first (every step of a server's decoding sequences carries them all); a long request is
@@ -258,10 +289,11 @@ void session_eval_batch(dsv4_session & s, const SeqRequest * req, int64_t n_req)
             tokens.insert(tokens.end(), q.tokens + c.i0, q.tokens + c.i0 + c.n);
             if (q.out_rows == q.n_tokens) {
                 for (int64_t i = 0; i < c.n; ++i) {
-                    outs.push_back({int32_t(sg.offset + i), q.logits + (c.i0 + i) * int64_t(hp.n_vocab)});
+                    const int64_t at = (c.i0 + i) * int64_t(hp.n_vocab);
+                    outs.push_back({int32_t(sg.offset + i), q.logits + at, q.mtp_logits ? q.mtp_logits + at : nullptr});
                 }
             } else if (q.out_rows == 1 && c.i0 + c.n == q.n_tokens) {
-                outs.push_back({int32_t(sg.offset + c.n - 1), q.logits});
+                outs.push_back({int32_t(sg.offset + c.n - 1), q.logits, q.mtp_logits});
             }
             segs.push_back(sg);
             done[size_t(c.r)] += c.n;
@@ -273,6 +305,48 @@ void session_eval_batch(dsv4_session & s, const SeqRequest * req, int64_t n_req)
             }
         }
     }
+}
+
+void session_mtp_draft(dsv4_session & s, int32_t seq, int32_t token, int64_t offset, float * logits) {
+    const dsv4_hparams & hp = s.model->hp;
+    if (!s.params.mtp) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "mtp_draft needs a session created with mtp");
+    }
+    check_seq(s, seq, "mtp_draft");
+    if (token < 0 || uint32_t(token) >= hp.n_vocab) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "mtp_draft: token %d is outside the vocabulary [0, %u)", int(token),
+             unsigned(hp.n_vocab));
+    }
+    SeqSlot & sl = s.slots[size_t(seq)];
+    if (offset < 0 || offset >= s.geo.slack) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "mtp_draft: offset %lld is outside [0, n_rollback = %lld)", (long long) offset,
+             (long long) s.geo.slack);
+    }
+    const int64_t pos = sl.n_past + offset;
+    if (pos >= s.params.n_ctx) {
+        fail(DSV4_ERR_CONTEXT_OVERFLOW, "mtp_draft: position %lld is past n_ctx %d", (long long) pos, int(s.params.n_ctx));
+    }
+    if (sl.n_past == 0) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "mtp_draft: sequence %d is empty (the draft row needs the trunk's state)", int(seq));
+    }
+    Segment sg;
+    sg.slot = seq;
+    sg.pos0 = pos;
+    sg.n = 1;
+    s.plan = make_plan(hp, s.geo, {sg}, 0, &token, {0});
+    GraphKey key = graph_key(s.plan);
+    key.mtp_only = true;
+    CachedGraph & g = graph_for(s, key);
+    s.current = &g;
+    g.step->set_inputs();
+    if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
+        s.current = nullptr;
+        s.graphs.clear();
+        fail(DSV4_ERR_BACKEND, "the backend failed to compute the MTP draft step");
+    }
+    // the row overwrote the MTP rings' rows of position pos − R: a rollback below it recomputes
+    ring_lo(sl, WINDOW) = std::max(ring_lo(sl, WINDOW), pos + 1 - s.geo.window_rows);
+    ggml_backend_tensor_get(g.logits, logits, 0, size_t(hp.n_vocab) * sizeof(float));
 }
 
 namespace {
@@ -311,14 +385,14 @@ void session_truncate(dsv4_session & s, int32_t seq, int64_t n) {
     const std::vector<int32_t> tokens = sl.tokens;
     const Checkpoint * best = nullptr;
     for (const Checkpoint & c : sl.checkpoints) {
-        if (c.pos >= n && c.pos - s.geo.slack <= n) {
+        if (c.pos >= n && c.pos - s.geo.slack <= n && checkpoint_reaches(s, c, n)) {
             best = &c;
             break;
         }
     }
     for (size_t i = 0; best == nullptr && i < sl.checkpoints.size(); ++i) {
         const Checkpoint & c = sl.checkpoints[sl.checkpoints.size() - 1 - i];  // the latest at or before n
-        best = c.pos <= n ? &c : nullptr;
+        best = c.pos <= n && checkpoint_reaches(s, c, c.pos) ? &c : nullptr;
     }
     s.n_restores += 1;
     if (best == nullptr) {
@@ -327,6 +401,9 @@ void session_truncate(dsv4_session & s, int32_t seq, int64_t n) {
         const Checkpoint chosen = *best;
         cut(sl, std::max(n, chosen.pos));  // the checkpoints past both go
         rings_set(s, seq, chosen.pos, s.geo.slack, chosen.rings.data());
+        for (RingKind kind : {WINDOW, RATIO4, RATIO128}) {   // rows it copied stale stay stale
+            ring_lo(sl, kind) = std::max(ring_lo(sl, kind), chosen.lo[kind_index(kind)]);
+        }
         sl.n_past = chosen.pos;
         sl.tokens.assign(tokens.begin(), tokens.begin() + chosen.pos);
         if (chosen.pos > n) {
@@ -339,7 +416,7 @@ void session_truncate(dsv4_session & s, int32_t seq, int64_t n) {
         }
     }
     if (sl.n_past < n) {  // recompute the gap, computing no logits
-        const SeqRequest q{seq, tokens.data() + sl.n_past, n - sl.n_past, nullptr, 0};
+        const SeqRequest q{seq, tokens.data() + sl.n_past, n - sl.n_past, nullptr, 0, nullptr};
         s.n_reevaluated += q.n_tokens;
         session_eval_batch(s, &q, 1);
     }

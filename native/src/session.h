@@ -29,6 +29,7 @@ struct CachedGraph {
     ggml_context_ptr ctx;                  // its tensors' metadata, in `mem`
     ggml_cgraph * graph = nullptr;
     ggml_tensor * logits = nullptr;
+    ggml_tensor * mtp_logits = nullptr;    // the MTP block's (mtp sessions)
     ggml_tensor * out_rows = nullptr;      // i32: the batch rows whose logits are computed (null: all)
     ggml_tensor * health = nullptr;        // Σ of the last trunk layer's input: NaN/Inf check
     std::unique_ptr<Step> step;
@@ -43,6 +44,9 @@ struct Checkpoint {
     int64_t pos = 0;
     bool prompt = false;  // taken at the end of a multi-token request (kept longer than the others)
     std::vector<uint8_t> rings;
+    // the first position whose rows it holds intact, per ring kind (window, ratio 4, ratio 128): the
+    // rows it copied from before the slot's own ring_lo had been overwritten by tokens since rolled back
+    int64_t lo[3] = {0, 0, 0};
 };
 
 // One sequence slot.
@@ -62,6 +66,7 @@ struct SeqRequest {
     int64_t n_tokens;
     float * logits;     // out_rows × n_vocab
     int64_t out_rows;   // 0, 1 (the last token's) or n_tokens
+    float * mtp_logits; // nullptr, or out_rows × n_vocab of the MTP block (an mtp session)
 };
 
 }  // namespace dsv4
@@ -110,6 +115,9 @@ uint64_t state_bytes(const dsv4_hparams & hp, const dsv4_session_params & params
 // Runs every request's tokens (the sequences together, in micro-batches of at most
 // params.n_ubatch tokens) and writes the logits each asks for.
 void session_eval_batch(dsv4_session & s, const SeqRequest * requests, int64_t n_requests);
+
+// One MTP draft row of sequence `seq` (see dsv4_session_mtp_draft): writes n_vocab logits.
+void session_mtp_draft(dsv4_session & s, int32_t seq, int32_t token, int64_t offset, float * logits);
 
 // Keeps the first n tokens of sequence `seq` (see dsv4_session_truncate).
 void session_truncate(dsv4_session & s, int32_t seq, int64_t n);

@@ -24,7 +24,7 @@ constexpr int32_t kMaxCheckpoints = 1024;
 // The compressor rings stay F32 (the reference keeps them in FP32, §4.1), and so do the raw
 // windows, whose size does not grow with the context; the compressed caches, which do, take the
 // session's cache type.
-void for_each_state_tensor(const dsv4_hparams & hp, const Geometry & geo, ggml_type cache_type,
+void for_each_state_tensor(const dsv4_hparams & hp, const Geometry & geo, ggml_type cache_type, bool mtp,
                            const std::function<void(uint32_t il, const char * name, ggml_type type, int64_t ne0,
                                                     int64_t ne1)> & fn) {
     const int64_t n = geo.n_slots;
@@ -43,6 +43,10 @@ void for_each_state_tensor(const dsv4_hparams & hp, const Geometry & geo, ggml_t
             fn(il, "index_score", GGML_TYPE_F32, 2 * int64_t(hp.indexer_head_dim), n * geo.ring4 + 1);
             fn(il, "index_cache", cache_type, hp.indexer_head_dim, n * geo.n_rows4);
         }
+    }
+    if (mtp) {  // the MTP block (§3.10): a window-only layer, and the trunk's final streams it reads
+        fn(hp.n_layer, "window", GGML_TYPE_F32, hp.head_dim, n * geo.window_rows);
+        fn(hp.n_layer, "xfin", GGML_TYPE_F32, int64_t(hp.hc_mult) * hp.n_embd, n * geo.window_rows + 1);
     }
 }
 
@@ -68,6 +72,9 @@ void check_session_params(const dsv4_hparams & hp, const dsv4_session_params & p
         fail(DSV4_ERR_INVALID_ARGUMENT, "n_checkpoints must be in [0, %d], got %d", int(kMaxCheckpoints),
              int(p.n_checkpoints));
     }
+    if (p.mtp && hp.n_nextn == 0) {
+        fail(DSV4_ERR_INVALID_ARGUMENT, "mtp: this model has no MTP block (deepseek4.nextn_predict_layers is 0)");
+    }
     const int32_t type = p.cache_type;
     if (type != GGML_TYPE_F32 && type != GGML_TYPE_F16 && type != GGML_TYPE_BF16 && type != GGML_TYPE_Q8_0) {
         fail(DSV4_ERR_INVALID_ARGUMENT, "cache type %d is not supported (f32, f16, bf16, q8_0)", int(type));
@@ -87,7 +94,7 @@ uint64_t state_bytes(const dsv4_hparams & hp, const dsv4_session_params & params
         const Geometry geo = make_geometry(hp, params.n_ctx, n_slots, params.n_rollback);
         uint64_t total = 0;
         bool overflow = false;
-        for_each_state_tensor(hp, geo, ggml_type(params.cache_type),
+        for_each_state_tensor(hp, geo, ggml_type(params.cache_type), params.mtp,
                               [&](uint32_t, const char *, ggml_type type, int64_t ne0, int64_t ne1) {
             uint64_t bytes = 0;
             overflow = overflow || __builtin_mul_overflow(uint64_t(ggml_row_size(type, ne0)), uint64_t(ne1), &bytes) ||
@@ -119,6 +126,9 @@ std::vector<RingRef> rings(const dsv4_session & s) {
     for (uint32_t il = 0; il < s.layers.size(); ++il) {
         const LayerState & L = s.layers[il];
         out.push_back({L.window, ring_rows(s.geo, WINDOW), WINDOW, false});
+        if (L.xfin != nullptr) {
+            out.push_back({L.xfin, ring_rows(s.geo, WINDOW), WINDOW, false});
+        }
         const int ratio = s.model->hp.compress_ratios[il];
         for (const CompressorState * cs : {&L.main, &L.index}) {  // the indexer's: ratio 4
             if (cs->kv != nullptr) {

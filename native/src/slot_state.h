@@ -26,7 +26,7 @@ struct CacheRef {
 };
 
 // Calls fn(il, name, type, ne0, ne1) for every state tensor of the session, in layer order.
-void for_each_state_tensor(const dsv4_hparams & hp, const Geometry & geo, ggml_type cache_type,
+void for_each_state_tensor(const dsv4_hparams & hp, const Geometry & geo, ggml_type cache_type, bool mtp,
                            const std::function<void(uint32_t il, const char * name, ggml_type type, int64_t ne0,
                                                     int64_t ne1)> & fn);
 void check_session_params(const dsv4_hparams & hp, const dsv4_session_params & p);

@@ -76,9 +76,7 @@ ggml_tensor * batch_rows(ggml_context * ctx, ggml_tensor * t, int64_t offset, in
 
 }  // namespace
 
-KeySet Step::window(uint32_t il, ggml_tensor * kv) {
-    ggml_tensor * ring = layers_[il].window;
-    ggml_tensor * kv2 = ggml_reshape_2d(ctx, kv, kv->ne[0], n_tokens);
+void Step::window_inputs() {
     const int64_t R = plan_.window_rows;
     if (window_src_ == nullptr) {
         window_src_ = input(GGML_TYPE_I32, int64_t(plan_.window_src.size()));
@@ -93,6 +91,13 @@ KeySet Step::window(uint32_t il, ggml_tensor * kv) {
             segment_ring_.push_back(input(GGML_TYPE_I32, R));
         }
     }
+}
+
+KeySet Step::window(uint32_t il, ggml_tensor * kv) {
+    ggml_tensor * ring = layers_[il].window;
+    ggml_tensor * kv2 = ggml_reshape_2d(ctx, kv, kv->ne[0], n_tokens);
+    const int64_t R = plan_.window_rows;
+    window_inputs();
     KeySet keys;
     if (n_group > 0) {
         keys.group.ring = ring;
@@ -113,6 +118,24 @@ KeySet Step::window(uint32_t il, ggml_tensor * kv) {
     }
     deferred_.push_back(ggml_set_rows(ctx, ring, kept_rows(kv2, window_src_, R), window_dst_));
     return keys;
+}
+
+ggml_tensor * Step::mtp_prev(uint32_t il, ggml_tensor * X) {
+    ggml_tensor * ring = layers_[il].xfin;
+    mtp_prev_ = input(GGML_TYPE_I32, n_tokens);
+    ggml_tensor * rows = ring;
+    if (X != nullptr) {
+        rows = ggml_concat(ctx, ring, ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], n_tokens), 1);
+    }
+    return ggml_reshape_3d(ctx, ggml_get_rows(ctx, rows, mtp_prev_), int64_t(hp.n_embd), int64_t(hp.hc_mult), n_tokens);
+}
+
+void Step::keep_final(uint32_t il, ggml_tensor * X) {
+    window_inputs();
+    ggml_tensor * flat = ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], n_tokens);
+    // where the window keeps its kv: the same rows of the same ring geometry
+    deferred_.push_back(ggml_set_rows(ctx, layers_[il].xfin, kept_rows(flat, window_src_, plan_.window_rows),
+                                      window_dst_));
 }
 
 ggml_tensor * Step::ape_rows(Stream st) {
@@ -238,6 +261,7 @@ void Step::set_inputs() const {
     }
     put(window_src_, plan_.window_src.data(), plan_.window_src.size() * sizeof(int32_t));
     put(window_dst_, plan_.window_dst.data(), plan_.window_dst.size() * sizeof(int64_t));
+    put(mtp_prev_, plan_.mtp_prev.data(), plan_.mtp_prev.size() * sizeof(int32_t));
     for (int which = 0; which < 2; ++which) {
         const RatioInputs & in = which == 0 ? in4_ : in128_;
         const RatioPlan & p = which == 0 ? plan_.r4 : plan_.r128;

@@ -100,6 +100,10 @@ struct LayerState {
     ggml_tensor * window = nullptr;  // ne{Dh, slots·window ring rows}: raw kv, slot row pos mod ring rows
     CompressorState main;            // ratio 4 or 128
     CompressorState index;           // ratio 4 only: indexer keys
+    // the MTP block only (§3.10): the trunk's final streams of the slot's recent positions,
+    // ne{HC·D, slots·window ring rows + 1}, row pos mod ring rows; the last row stays zero (the
+    // state before position 0)
+    ggml_tensor * xfin = nullptr;
 };
 
 // The ring geometry of a session: how many rows each ring keeps per sequence slot. Rings hold
@@ -160,6 +164,8 @@ struct StepPlan {
     std::vector<int32_t> window_src;      // batch rows kept in the window rings ...
     std::vector<int64_t> window_dst;      // ... and their rows
     std::vector<int32_t> out_rows;        // batch rows whose logits are computed
+    std::vector<int32_t> mtp_prev;        // [T] the row of concat(xfin ring, batch's final streams) holding
+                                          // each token's previous position (MTP input, §3.10)
     bool has4 = false, has128 = false;
     RatioPlan r4, r128;
 };
@@ -175,9 +181,11 @@ struct GraphKey {
     int64_t n_tokens = -1, n_group = -1, n_view4 = -1, n_view128 = -1, n_out = -1;
     std::vector<int64_t> segment_lengths;  // the non-group segments'
     bool real4 = false, real128 = false;   // the batch completes a ratio-4 / ratio-128 block
+    bool mtp_only = false;                 // an MTP draft step: the MTP block alone (§3.10)
     bool operator==(const GraphKey & o) const {
         return n_tokens == o.n_tokens && n_group == o.n_group && n_view4 == o.n_view4 && n_view128 == o.n_view128 &&
-               n_out == o.n_out && segment_lengths == o.segment_lengths && real4 == o.real4 && real128 == o.real128;
+               n_out == o.n_out && segment_lengths == o.segment_lengths && real4 == o.real4 && real128 == o.real128 &&
+               mtp_only == o.mtp_only;
     }
 };
 GraphKey graph_key(const StepPlan & p);
@@ -216,6 +224,14 @@ class Step {
     // §3.4.4 / §3.6: compressed keys.
     KeySet with_all(uint32_t il, const KeySet & keys, ggml_tensor * cache);
     KeySet with_selected(uint32_t il, const KeySet & keys, ggml_tensor * cache, ggml_tensor * scores);
+
+    // §3.10: each token's previous position's final streams ne{D, HC, T}: the slot's ring (zero
+    // before position 0), else the batch's row before it in X (the batch's final trunk streams;
+    // nullptr: a draft step, whose one-token segments read the ring only).
+    ggml_tensor * mtp_prev(uint32_t il, ggml_tensor * X);
+    // Writes X's rows (ne{D, HC, T}) into the MTP layer's ring of final streams, after every read:
+    // the trunk's final streams, or a draft step's MTP output (the next draft row's state).
+    void keep_final(uint32_t il, ggml_tensor * X);
 
     // The context's most recent tensor (nullptr when empty); tensors are only appended.
     ggml_tensor * last_tensor();
@@ -259,6 +275,8 @@ class Step {
     std::vector<ggml_tensor *> segment_ring_;
     ggml_tensor * window_src_ = nullptr;
     ggml_tensor * window_dst_ = nullptr;
+    ggml_tensor * mtp_prev_ = nullptr;
+    void window_inputs();
     RatioInputs in4_, in128_;
     std::vector<ggml_tensor *> effects_;
     std::vector<ggml_tensor *> deferred_;
