@@ -296,6 +296,16 @@ def test_random_eval_truncate_copy_sequences_match_fresh_runs(tiny_model):
     model = engine(tiny_model, n_ctx=512, n_seq=2, n_ubatch=96, checkpoint_interval=48, n_checkpoints=3)
     oracle = engine(tiny_model, n_ctx=512, n_ubatch=512)
 
+    def near_tie(tokens) -> bool:
+        """Whether a top-k selection (indexer, router) of `tokens` has its k-th and (k+1)-th
+        scores closer than float32 noise: there, batch shape alone may flip it (spec §8), and a
+        difference says nothing about the state operations."""
+        from dsv4_ggml.reference import Reference
+
+        ref = Reference(tiny_model, record_margins=True)
+        ref.eval(list(tokens))
+        return min(ref.min_margins().values()) < 2e-5
+
     @functools.lru_cache(maxsize=16)
     def fresh_logits(tokens: tuple) -> np.ndarray:
         """The logits of every position of `tokens`, computed fresh (one sequence, one batch)."""
@@ -321,6 +331,8 @@ def test_random_eval_truncate_copy_sequences_match_fresh_runs(tiny_model):
             for i, toks in batch.items():
                 self.held[i] += toks
                 want = fresh_logits(tuple(self.held[i]))[-len(toks):]
+                if rel_err(out[i], want).max() >= 1e-5:
+                    hypothesis.assume(not near_tie(self.held[i]))   # random tokens: a near-tie is no finding
                 assert rel_err(out[i], want).max() < 1e-5
             self.ops += 1
 
@@ -348,7 +360,8 @@ def test_random_eval_truncate_copy_sequences_match_fresh_runs(tiny_model):
                 if self.held[i]:
                     oracle.reset()
                     oracle.eval(self.held[i])
-                    assert state_err(self.m.save_state(seq=i), oracle.save_state()) < 1e-5
+                    err = state_err(self.m.save_state(seq=i), oracle.save_state())
+                    assert err < 1e-5 or near_tie(self.held[i]), err
             Sequences.total_ops += self.ops
 
     Sequences.total_ops = 0
