@@ -266,8 +266,8 @@ def test_v4_blocks_have_one_function_per_variant():
     from codegen.v4 import BLOCKS
     names = {b.c_name(v) for b in BLOCKS for v in b.variants}
     assert {"attention_swa", "attention_csa", "attention_hca", "moe_hash", "moe_routed",
-            "compress_csa", "compress_hca", "compress_indexer", "hc_pre", "layer", "embed",
-            "output_head", "indexer"} == names
+            "compress_csa", "compress_hca", "compress_indexer", "hc_pre", "layer", "token_rows", "embed",
+            "head", "output_head", "mtp_input", "indexer"} == names
 
 
 def test_dispatchers_fail_only_where_a_layer_can_match_no_variant():
