@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--types", default="q8_0,q4_k")
     ap.add_argument("--wide", action="store_true", help="the full-width stack (GPU benchmark)")
     ap.add_argument("--layers", type=int, default=2, help="layers of the full-width stack (default 2)")
+    ap.add_argument("--mtp", action="store_true", help="with the MTP block (spec §3.10; same trunk weights)")
     args = ap.parse_args()
     if args.layers < 1 or (args.layers != 2 and not args.wide):
         ap.error("--layers takes a positive count and goes with --wide")
@@ -58,9 +59,9 @@ def main() -> None:
         shape = dict(WIDE, n_layer=args.layers, compress_ratios=[(4, 128)[i % 2] for i in range(args.layers)])
         name = "wide" if args.layers == 2 else f"wide{args.layers}"
     for t in args.types.split(","):
-        path = os.path.join(args.out_dir, f"dsv4-{name}-{t}.gguf")
+        path = os.path.join(args.out_dir, f"dsv4-{name}-{t}{'-mtp' if args.mtp else ''}.gguf")
         t0 = time.time()
-        write_tiny_model(path, seed=0, weight_type=t, **shape)
+        write_tiny_model(path, seed=0, weight_type=t, n_mtp_layers=1 if args.mtp else 0, **shape)
         print(f"wrote {path}: {os.path.getsize(path) / 2**20:.0f} MiB in {time.time() - t0:.0f} s")
 
 

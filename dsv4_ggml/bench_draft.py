@@ -7,7 +7,9 @@ Random weights make real acceptance meaningless, so the parts are measured:
    first (drafting costs nothing: an upper bound) and is forced to a given acceptance rate by
    replacing each draft, with probability 1 - rate, by a wrong token (seeded); K fixed 1..4 and
    adaptive, every stream checked equal to plain decoding;
-3. with `--draft PATH`, a real draft model: its acceptance, its cost per drafted token, speed.
+3. with `--draft PATH`, a real draft model (with `--draft mtp`, the model's own MTP block): its
+   acceptance, its cost per drafted token, speed; for MTP also plain decode without the MTP
+   block (what keeping its state costs).
 The projection for a drafter of known cost c (seconds per drafted token) and acceptance a:
 tokens/s = (1 - a^(K+1)) / (1 - a) / (t_verify(K+1) + K c).
 """
@@ -69,7 +71,8 @@ def verify_costs(m: Model, prompt: list[int], sizes=range(1, 6), reps: int = 5) 
 
 def run_draft_bench(path: str, draft_path: str | None = None, n_gen: int = 128, threads: int | None = None,
                     n_prompt: int = 64, rates=(1.0, 0.9, 0.7, 0.5, 0.0), ks=(1, 2, 3, 4), stream=sys.stdout) -> dict:
-    m = Model(path, n_ctx=n_prompt + n_gen + 16, n_threads=threads)
+    mtp = draft_path == "mtp"
+    m = Model(path, n_ctx=n_prompt + n_gen + 16, n_threads=threads, mtp=mtp)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(10, m.n_vocab, n_prompt)]
     costs = verify_costs(m, prompt)
@@ -93,15 +96,24 @@ def run_draft_bench(path: str, draft_path: str | None = None, n_gen: int = 128, 
         out["oracle"][rate] = row
         print(f"oracle drafts, acceptance forced to {rate:.0%}: " +
               ", ".join(f"K={k} {v:.1f} t/s ({v / tg:.2f}x)" for k, v in row.items()), file=stream)
+    if mtp:
+        base = Model(path, n_ctx=m.n_ctx, n_threads=threads)
+        t_base = min(_decode(base, prompt, n_gen)[1] for _ in range(2))
+        base.close()
+        out["plain_tg_without_mtp"] = len(plain) / t_base
+        print(f"plain greedy decode without the MTP block: {len(plain) / t_base:.1f} tokens/s "
+              f"(keeping the MTP state costs {t_plain / t_base - 1:+.1%})", file=stream)
     if draft_path:
-        dm = Model(draft_path, n_ctx=m.n_ctx, n_threads=threads)
+        dm = None if mtp else Model(draft_path, n_ctx=m.n_ctx, n_threads=threads)
         for k in ks:
-            d = Drafting(ModelDrafter(dm), n_draft=k, adaptive=False)
+            d = Drafting.of("mtp", k, adaptive=False) if mtp else Drafting(ModelDrafter(dm), n_draft=k, adaptive=False)
             got, dt = _decode(m, prompt, n_gen, d)
             assert got == plain
             s = d.stats
-            print(f"draft model K={k}: {len(got) / dt:.1f} t/s ({len(got) / dt / tg:.2f}x), acceptance "
-                  f"{s['acceptance']:.0%}, draft {1e3 * (s['draft_s_per_token'] or 0):.2f} ms/token", file=stream)
-        dm.close()
+            print(f"{'MTP' if mtp else 'draft model'} K={k}: {len(got) / dt:.1f} t/s ({len(got) / dt / tg:.2f}x), "
+                  f"acceptance {s['acceptance']:.0%}, draft {1e3 * (s['draft_s_per_token'] or 0):.2f} ms/token",
+                  file=stream)
+        if dm is not None:
+            dm.close()
     m.close()
     return out

@@ -185,7 +185,7 @@ def test_speculative_sampling_matches_plain_sampling(models):
 
 def test_adaptive_k_stops_drafting_when_drafts_fail():
     k = AdaptiveK(4)
-    assert k.choose() == 4                      # nothing measured yet
+    assert k.choose() == 1                      # nothing measured yet: one draft first
     for _ in range(20):
         k.record(4, 0, verify_s=0.012, draft_s=0.02)
         k.record(0, 0, verify_s=0.010, draft_s=0.0)

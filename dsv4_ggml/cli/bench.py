@@ -25,7 +25,8 @@ def add_arguments(b) -> None:
     b.add_argument("--json", action="store_true", help="print JSON")
     b.add_argument("--draft", nargs="?", const="oracle", default=None, metavar="DRAFT.gguf",
                    help="speculative decoding: verify-step cost, oracle drafts at forced acceptance rates "
-                        "(100/90/70/50/0%%) and, given a draft model, its acceptance and speed")
+                        "(100/90/70/50/0%%) and, given a draft model (or 'mtp': the model's MTP block), its "
+                        "acceptance and speed")
 
 
 def run(args) -> int:
