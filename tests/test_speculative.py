@@ -208,3 +208,4 @@ def test_bench_draft_checks_every_stream(tiny_model):
                           ks=(1, 2), stream=out)
     assert set(res["oracle"]) == {1.0, 0.0} and set(res["oracle"][1.0]) == {1, 2, "adaptive"}
     assert "draft model K=2" in out.getvalue() and "acceptance 100%" in out.getvalue()
+    assert res["streams_part"] == {}            # F32 weights: every stream equals plain decoding
