@@ -94,7 +94,8 @@ class MtpDrafter:
         drafts, dists, t = [], [], int(context[-1])
         for i in range(max(k, 0)):
             logits = m.mtp_draft(t, offset=i)
-            ids, probs = self.sampler.distribution(logits, list(context) + drafts)
+            recent = self.sampler.params.repeat_last_n
+            ids, probs = self.sampler.distribution(logits, (list(context[-recent:]) if recent else []) + drafts)
             t = int(ids[rng.choice(len(ids), p=probs)]) if len(ids) > 1 else int(ids[0])
             drafts.append(t)
             dists.append((ids, probs))
@@ -209,7 +210,7 @@ def speculative_stream(model, tokens: Sequence[int], max_tokens: int, params: Sa
         accepted = 0
         for i in range(len(drafts) + 1):
             n_past = n_base + 1 + i
-            history = held[:n_past]
+            history = held[max(0, n_past - params.repeat_last_n):n_past]   # all the sampler reads
             if greedy or i == len(drafts):
                 choice = sampler.sample(rows[i], history)
             else:

@@ -110,6 +110,10 @@ class DiskCache:
     def forget(self, path: Path, why: str) -> None:
         log.warning("prompt cache: ignoring %s: %s", path.name, why)
         self.skipped += 1
+        self._drop(path)
+
+    def _drop(self, path: Path) -> None:
+        """Forgets a saved state and deletes its file."""
         with self._lock:
             self.entries.pop(path, None)
         try:
@@ -171,12 +175,7 @@ class DiskCache:
         for _, size, path in sorted(files):
             if total <= self.max_bytes:
                 break
-            with self._lock:
-                self.entries.pop(path, None)
-            try:
-                path.unlink()
-            except OSError:
-                pass
+            self._drop(path)
             total -= size
 
     def close(self) -> None:

@@ -252,10 +252,11 @@ class Scheduler:
         if self.disk_cache is not None and task.cache_prompt:
             self._restore_from_disk(seq, task)
         keep = min(common_prefix(model._seqs[seq], task.tokens), len(task.tokens) - 1) if task.cache_prompt else 0
-        before = model.stats()["n_reevaluated"]
+        recomputed = 0
         if len(model._seqs[seq]) > keep:
+            before = model.stats()["n_reevaluated"]
             model.truncate(keep, seq=seq)
-        recomputed = model.stats()["n_reevaluated"] - before
+            recomputed = model.stats()["n_reevaluated"] - before
         slot.task, task.seq = task, seq
         task.started = time.monotonic()
         task.cached_tokens = max(0, keep - recomputed)

@@ -71,6 +71,15 @@ void take_checkpoint(dsv4_session & s, int32_t slot, bool prompt) {
     }
 }
 
+// Runs graph g (its inputs set); on a backend failure every cached graph goes.
+void compute(dsv4_session & s, CachedGraph & g, const char * what) {
+    if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
+        s.current = nullptr;
+        s.graphs.clear();
+        fail(DSV4_ERR_BACKEND, "the backend failed to compute %s", what);
+    }
+}
+
 // Computes one micro-batch: `segs` in batch order (the decode group's one-token segments first),
 // `tokens` the batch; then advances every segment's sequence.
 void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_group, const std::vector<int32_t> & tokens,
@@ -93,11 +102,7 @@ void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_g
         s.profile->skip = ++g.n_runs <= 2;
         s.profile->steps[s.profile->phase] += s.profile->skip ? 0 : 1;
     }
-    if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
-        s.current = nullptr;
-        s.graphs.clear();
-        fail(DSV4_ERR_BACKEND, "the backend failed to compute the graph");
-    }
+    compute(s, g, "the graph");
     for (const Segment & sg : segs) {
         SeqSlot & sl = s.slots[size_t(sg.slot)];
         sl.n_past += sg.n;
@@ -339,11 +344,7 @@ void session_mtp_draft(dsv4_session & s, int32_t seq, int32_t token, int64_t off
     CachedGraph & g = graph_for(s, key);
     s.current = &g;
     g.step->set_inputs();
-    if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
-        s.current = nullptr;
-        s.graphs.clear();
-        fail(DSV4_ERR_BACKEND, "the backend failed to compute the MTP draft step");
-    }
+    compute(s, g, "the MTP draft step");
     // the row overwrote the MTP rings' rows of position pos − R: a rollback below it recomputes
     ring_lo(sl, WINDOW) = std::max(ring_lo(sl, WINDOW), pos + 1 - s.geo.window_rows);
     ggml_backend_tensor_get(g.logits, logits, 0, size_t(hp.n_vocab) * sizeof(float));
