@@ -34,6 +34,7 @@ import time
 import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 PROMPTS = [
     "Hello!", "What is the capital of France?", "Write a haiku about the sea.", "Count from one to ten.",
     "Explain recursion in one sentence.", "Translate 'good morning' into German.", "What is 17 times 23?",
@@ -98,10 +99,62 @@ class Server:
                 self.proc.wait()
 
 
+# --- the cross-talk check ----------------------------------------------------------------------------------
+def prompt_ids(model, spec: dict) -> list[int]:
+    """The prompt tokens the server evaluates for a request spec (its own prompt code)."""
+    from dsv4_ggml.server.params import chat_args
+    from dsv4_ggml.server.prompts import chat_prompt, text_prompt
+
+    path, body = body_of(spec)
+    if spec["kind"] == "chat":
+        return chat_prompt(model, **chat_args(body)).tokens
+    return text_prompt(model, body["prompt"]).tokens
+
+
+def sampling_params(spec: dict):
+    from dsv4_ggml.sampling import SamplingParams
+    from dsv4_ggml.server.params import sampling
+
+    kw = sampling(body_of(spec)[1], None, 1 << 20)
+    return SamplingParams(**{k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")})
+
+
+def check_differences(args, refs: list[dict], alone: list[dict], differ: list) -> tuple[list, list]:
+    """The reference answers that differ from their alone runs, split into (cross-talk, numeric):
+    numeric when every token is a choice the sampler could make from the alone logits moved by at
+    most eps, the file's measured batch variance (benchmarks/crosstalk.py). Also reports a negative
+    control: the other references' alone answers checked against each greedy prompt."""
+    import dsv4_ggml
+
+    from crosstalk import batch_variance, explained, replay
+
+    model = dsv4_ggml.Model(args.model, n_ctx=args.ctx, n_threads=args.threads, n_seq=args.load_parallel)
+    cases = [(prompt_ids(model, r), a["ids"]) for r, a in zip(refs, alone)]
+    eps = batch_variance(model, cases)
+    cross, numeric, gaps = [], [], []
+    for s, r in differ:
+        ids, ok = r["ids"] or [], False
+        if ids:
+            ok, gap = explained(replay(model, cases[s["ref"]][0], ids), ids, sampling_params(s), eps)
+            gaps.append(gap)
+        (numeric if ok else cross).append((s, r))
+    greedy = [k for k, r in enumerate(refs) if r["temperature"] <= 0]
+    control = [(a, b) for a in greedy for b in greedy if refs[a]["prompt"] != refs[b]["prompt"]]
+    passed = sum(explained(replay(model, cases[a][0], cases[b][1]), cases[b][1], sampling_params(refs[a]), eps)[0]
+                 for a, b in control)
+    print(f"batch variance of this file: max |Δlogit| {eps:.3g} (the {len(cases)} references alone vs "
+          f"{model.n_seq} at a time); {len(differ)} answers under load differ from alone: {len(numeric)} within it "
+          f"(greedy gaps up to {max(gaps, default=0):.3g} of {2 * eps:.3g} allowed), {len(cross)} not; "
+          f"negative control: {passed} of {len(control)} foreign greedy answers would pass")
+    model.close()
+    return cross, numeric
+
+
 # --- one request -------------------------------------------------------------------------------------------
 def body_of(spec: dict) -> tuple[str, dict]:
     """(path, JSON body) of a request spec {kind, prompt, max_tokens, temperature, seed, stream}."""
-    body = {"max_tokens": spec["max_tokens"], "temperature": spec["temperature"], "stream": spec["stream"]}
+    body = {"max_tokens": spec["max_tokens"], "temperature": spec["temperature"], "stream": spec["stream"],
+            "return_tokens": True}
     if spec.get("seed") is not None:
         body["seed"] = spec["seed"]
     if spec["stream"]:
@@ -126,7 +179,7 @@ async def send(client: httpx.AsyncClient, spec: dict, disconnect_after: int = 0)
     transport error. `disconnect_after` > 0: close the stream after that many events."""
     path, body = body_of(spec)
     chat = spec["kind"] == "chat"
-    res = {"status": None, "text": "", "tokens": 0, "ttft": None, "error": None, "disconnected": False}
+    res = {"status": None, "text": "", "tokens": 0, "ids": None, "ttft": None, "error": None, "disconnected": False}
     t0 = time.perf_counter()
     try:
         if not spec["stream"]:
@@ -135,6 +188,7 @@ async def send(client: httpx.AsyncClient, spec: dict, disconnect_after: int = 0)
             if r.status_code == 200:
                 obj = r.json()
                 res["text"], res["tokens"] = text_of(obj, chat, False), obj["usage"]["completion_tokens"]
+                res["ids"] = obj["choices"][0].get("tokens")
             else:
                 res["error"] = r.text[:300]
             return res
@@ -155,6 +209,8 @@ async def send(client: httpx.AsyncClient, spec: dict, disconnect_after: int = 0)
                 if piece and res["ttft"] is None:
                     res["ttft"] = time.perf_counter() - t0
                 pieces.append(piece)
+                if obj.get("choices") and "tokens" in obj["choices"][0]:
+                    res["ids"] = obj["choices"][0]["tokens"]
                 if obj.get("usage"):
                     res["tokens"] = obj["usage"]["completion_tokens"]
                 if disconnect_after and events >= disconnect_after:
@@ -269,8 +325,11 @@ async def load_phase(args, log_dir: str) -> bool:
     transport = [(s, r) for s, r in pairs if r["status"] is None]
     other = [(s, r) for s, r in pairs if r["status"] is not None and r["status"] != 200 and r["status"] < 500]
     stream_err = [(s, r) for s, r in pairs if r["status"] == 200 and r["error"]]
-    mismatch = [(s, r) for s, r in pairs if "ref" in s and r["status"] == 200 and r["text"] != alone[s["ref"]]["text"]]
+    differ = [(s, r) for s, r in pairs if "ref" in s and r["status"] == 200 and r["text"] != alone[s["ref"]]["text"]]
     bad_alone = [r for r in alone if r["status"] != 200]
+    mismatch, numeric = differ, []
+    if differ and not bad_alone:
+        mismatch, numeric = check_differences(args, refs, alone, differ)
     change = (rss_after - rss_before) / rss_before
     checks = [
         ("5xx responses", len(n5xx), not n5xx),
@@ -280,6 +339,7 @@ async def load_phase(args, log_dir: str) -> bool:
         ("/health failures", len(health["failures"]), not health["failures"]),
         ("reference requests failing alone", len(bad_alone), not bad_alone),
         (f"cross-talk mismatches (of {n_ref} reference requests)", len(mismatch), not mismatch),
+        ("  of which differ within the batch variance (not cross-talk)", len(numeric), True),
         ("RSS after warm-up / after load (MiB)", f"{rss_before:.1f} / {rss_after:.1f} ({change:+.2%})",
          abs(change) <= args.rss_tolerance),
     ]

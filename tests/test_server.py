@@ -390,6 +390,28 @@ def _completion_tokens(server: str, body: dict) -> list[int]:
     return r.json()["choices"][0]["tokens"]
 
 
+def test_return_tokens_on_chat_and_streams(server):
+    """`return_tokens` (llama.cpp's extension, here on chat too): the generated ids, in the body
+    or in the finishing chunk of a stream; the same ids whichever shape asked."""
+    body = {"model": MODEL_ID, "max_tokens": 6, "temperature": 0, "return_tokens": True,
+            "messages": [{"role": "user", "content": "Tokens please"}]}
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_auth(), timeout=60, json=body)
+    assert r.status_code == 200, r.text
+    plain = r.json()["choices"][0]
+    assert len(plain["tokens"]) == r.json()["usage"]["completion_tokens"]
+    finishing = []
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=_auth(), timeout=60,
+                      json=dict(body, stream=True)) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                finishing += [c["tokens"] for c in choices if c.get("finish_reason")]
+    assert finishing == [plain["tokens"]]
+    no_tokens = httpx.post(f"{server}/v1/chat/completions", headers=_auth(), timeout=60,
+                           json=dict(body, return_tokens=False)).json()["choices"][0]
+    assert "tokens" not in no_tokens and no_tokens["message"] == plain["message"]
+
+
 def test_parallel_requests_get_what_they_get_alone(server):
     assert httpx.get(f"{server}/health").json()["n_parallel"] == 4
     jobs = [{"prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), "max_tokens": 24,

@@ -43,8 +43,8 @@ Rejected with HTTP 400 (instead of being silently ignored, since each changes wh
 `n` or `best_of` above 1, more than one prompt, `suffix`, `logprobs` / `top_logprobs`, non-zero
 `presence_penalty` / `frequency_penalty`, a non-empty `logit_bias`, `response_format` other than
 text, `grammar` / `json_schema`, `tool_choice` naming no given tool. llama.cpp's `cache_prompt`
-(false: evaluate the whole prompt, a cold run) and `return_tokens` (completions: the generated
-ids in `choices[0].tokens`) are read too. Every other field (`user`, `metadata`, `store`,
+(false: evaluate the whole prompt, a cold run) and `return_tokens` (the generated ids in
+`choices[0].tokens`; streamed: in the finishing chunk; completions and chat) are read too. Every other field (`user`, `metadata`, `store`,
 `service_tier`, `parallel_tool_calls`, ...) is ignored.
 
 Errors are OpenAI-shaped `{"error": {"message", "type", "param", "code"}}` (Anthropic-shaped on

@@ -101,7 +101,8 @@ def _openai_routes(ctx: Context) -> list[tuple[str, Callable, str]]:
             stream, include_usage = stream_flags(body)
         except RequestError as e:
             return ctx.error_response(e)
-        fmt = ChatFormat(ctx.model_id, chat["thinking"], chat["tools"], include_usage)
+        fmt = ChatFormat(ctx.model_id, chat["thinking"], chat["tools"], include_usage,
+                         return_tokens=flag(body, "return_tokens"))
         return await respond(ctx, request, lambda: chat_prompt(model, **chat), kw, fmt, stream,
                              cache_prompt=flag(body, "cache_prompt", True))
 

@@ -53,7 +53,10 @@ class CompletionFormat:
         return [sse(self._chunk(piece, None))] if piece else []
 
     def end(self, finish: str, usage: dict) -> list[bytes]:
-        out = [sse(self._chunk("", finish))]
+        last = self._chunk("", finish)
+        if self.return_tokens:       # streamed: every generated id, in the finishing chunk
+            last["choices"][0]["tokens"] = list(self.task.generated)
+        out = [sse(last)]
         if self.include_usage:
             out.append(sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                             "choices": [], "usage": usage}))
@@ -75,9 +78,12 @@ class ChatFormat:
 
     kind = "chat.completion"
 
-    def __init__(self, model_id: str, thinking: bool, tools: list | None, include_usage: bool = False):
+    def __init__(self, model_id: str, thinking: bool, tools: list | None, include_usage: bool = False,
+                 return_tokens: bool = False):
         self.id, self.created, self.model = new_id("chatcmpl"), int(time.time()), model_id
         self.thinking, self.tools = thinking, tools
+        self.return_tokens = return_tokens
+        self.task = None            # set by respond()
         self.include_usage = include_usage
         self.parser = StreamParser(thinking, tools or [])      # no tools: every DSML block stays text
         self.pieces: list[str] = []
@@ -110,7 +116,10 @@ class ChatFormat:
 
     def end(self, finish: str, usage: dict) -> list[bytes]:
         out = self._deltas(self.parser.finish())
-        out.append(sse(self._chunk({}, "tool_calls" if self.n_calls else finish)))
+        last = self._chunk({}, "tool_calls" if self.n_calls else finish)
+        if self.return_tokens:
+            last["choices"][0]["tokens"] = list(self.task.generated)
+        out.append(sse(last))
         if self.include_usage:
             out.append(sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                             "model": self.model, "choices": [], "usage": usage}))
@@ -124,8 +133,11 @@ class ChatFormat:
         if turn.tool_calls:
             message["tool_calls"] = turn.tool_calls
             finish = "tool_calls"
+        choice = {"index": 0, "message": message, "finish_reason": finish}
+        if self.return_tokens:
+            choice["tokens"] = list(self.task.generated)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
+                "choices": [choice], "usage": usage}
 
     def error_event(self, body: dict) -> bytes:
         return sse(body)

@@ -173,8 +173,8 @@ typedef struct dsv4_session_stats {
     int64_t n_graph_builds;    /* graphs built; the other micro-batches reused a cached graph */
     int64_t n_graph_nodes;     /* nodes of the current graph */
     uint64_t state_bytes;      /* persistent state of every slot: windows, compressor rings, compressed caches */
-    uint64_t compute_bytes;    /* the compute buffer of the current (last used) graph */
-    uint64_t compute_bytes_all; /* the compute buffers of every cached graph */
+    uint64_t compute_bytes;    /* what the current (last used) graph needs of the compute buffer */
+    uint64_t compute_bytes_all; /* the compute buffer, one for every cached graph (the largest need) */
     int32_t n_seq;             /* sequence slots */
     uint64_t slot_state_bytes; /* the persistent state of one slot */
     uint64_t checkpoint_bytes; /* host memory held by checkpoints, all slots */

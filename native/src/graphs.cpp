@@ -34,8 +34,8 @@ size_t max_graph_nodes(const dsv4_hparams & hp) {
     return 4096 + size_t(hp.n_layer_all) * 1024;
 }
 
-// Expands the step's cache writes and ring overwrites last (graph order is expansion order), makes
-// the graph's scheduler and allocates it.
+// Expands the step's cache writes and ring overwrites last (graph order is expansion order) and
+// records the nodes' sources (the scheduler redirects some to its copies between backends).
 void finish_graph(dsv4_session & s, CachedGraph & g, Step & st, size_t max_nodes) {
     // Graph order is expansion order. Every ring overwrite must come after every read of the old
     // ring: expand the cache writes, then the rows each overwrite writes (whose inputs reach all
@@ -49,19 +49,11 @@ void finish_graph(dsv4_session & s, CachedGraph & g, Step & st, size_t max_nodes
     for (ggml_tensor * t : st.deferred()) {
         ggml_build_forward_expand(g.graph, t);
     }
-    // the scheduler runs each op on the backend of its weights; the CPU comes last (CUDA
-    // sessions: routed experts kept in host memory run there)
-    ggml_backend_t backends[2] = {s.backend.get(), s.cpu.get()};
-    const int n_backends = s.cpu != nullptr ? 2 : 1;
-    g.sched.reset(ggml_backend_sched_new(backends, nullptr, n_backends, max_nodes, false, false));
-    if (g.sched == nullptr) {
-        fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
-    }
-    if (s.profile != nullptr) {
-        ggml_backend_sched_set_eval_callback(g.sched.get(), profile_callback, s.profile.get());
-    }
-    if (!ggml_backend_sched_alloc_graph(g.sched.get(), g.graph)) {
-        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) s.plan.n_tokens);
+    g.max_nodes = max_nodes;
+    const int n_nodes = ggml_graph_n_nodes(g.graph);
+    g.node_srcs.resize(size_t(n_nodes));
+    for (int i = 0; i < n_nodes; ++i) {
+        std::copy_n(ggml_graph_node(g.graph, i)->src, GGML_MAX_SRC, g.node_srcs[size_t(i)].begin());
     }
     s.n_graph_builds += 1;
     if (std::getenv("DSV4_GRAPH_STATS") != nullptr) {
@@ -69,7 +61,76 @@ void finish_graph(dsv4_session & s, CachedGraph & g, Step & st, size_t max_nodes
     }
 }
 
-// Builds and allocates the graph of s.plan: embedding, the trunk layers, the output head of the
+// Places graph g's tensors in the session's one compute buffer (which grows to the largest graph
+// so far), unless they are there already. Every cached graph shares that buffer: memory does not
+// grow with the number of cached graphs, and using another graph costs an allocation pass, not
+// a rebuild.
+void allocate(dsv4_session & s, CachedGraph & g) {
+    if (s.allocated == &g) {
+        return;
+    }
+    s.allocated = nullptr;
+    if (s.sched == nullptr || s.sched_nodes < g.max_nodes) {
+        // the scheduler runs each op on the backend of its weights; the CPU comes last (CUDA
+        // sessions: routed experts kept in host memory run there)
+        ggml_backend_t backends[2] = {s.backend.get(), s.cpu.get()};
+        const int n_backends = s.cpu != nullptr ? 2 : 1;
+        s.sched.reset();
+        s.sched.reset(ggml_backend_sched_new(backends, nullptr, n_backends, g.max_nodes, false, false));
+        if (s.sched == nullptr) {
+            fail(DSV4_ERR_BACKEND, "cannot create the backend scheduler");
+        }
+        s.sched_nodes = g.max_nodes;
+        if (s.profile != nullptr) {
+            ggml_backend_sched_set_eval_callback(s.sched.get(), profile_callback, s.profile.get());
+        }
+    }
+    // undo the previous allocation of g: a tensor with an address keeps it, and the scheduler
+    // would read its sources' copies of the previous pass
+    for (ggml_tensor * t : g.compute_tensors) {
+        t->data = nullptr;
+        t->buffer = nullptr;
+    }
+    auto restore_srcs = [&g] {
+        for (size_t i = 0; i < g.node_srcs.size(); ++i) {
+            std::copy(g.node_srcs[i].begin(), g.node_srcs[i].end(), ggml_graph_node(g.graph, int(i))->src);
+        }
+    };
+    restore_srcs();
+    ggml_backend_sched_reset(s.sched.get());
+    if (!ggml_backend_sched_alloc_graph(s.sched.get(), g.graph)) {
+        fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) g.step->n_tokens);
+    }
+    if (g.compute_tensors.empty()) {
+        // first allocation: which of its tensors the compute buffer holds, and how far into the
+        // buffer(s) they reach (what g needs of it; the stats' compute_bytes)
+        std::vector<std::pair<ggml_backend_buffer_t, size_t>> reach;
+        for (ggml_tensor * t = ggml_get_first_tensor(g.ctx.get()); t != nullptr; t = ggml_get_next_tensor(g.ctx.get(), t)) {
+            if (t->buffer == nullptr || ggml_backend_buffer_get_usage(t->buffer) != GGML_BACKEND_BUFFER_USAGE_COMPUTE) {
+                continue;
+            }
+            g.compute_tensors.push_back(t);
+            if (t->view_src != nullptr || ggml_backend_buffer_get_type(t->buffer) != ggml_backend_get_default_buffer_type(s.backend.get())) {
+                continue;
+            }
+            const size_t end = size_t((const char *) t->data - (const char *) ggml_backend_buffer_get_base(t->buffer)) +
+                               ggml_backend_buffer_get_alloc_size(t->buffer, t);
+            auto it = std::find_if(reach.begin(), reach.end(), [&](const auto & r) { return r.first == t->buffer; });
+            if (it == reach.end()) {
+                reach.emplace_back(t->buffer, end);
+            } else {
+                it->second = std::max(it->second, end);
+            }
+        }
+        g.compute_bytes = 0;
+        for (const auto & r : reach) {
+            g.compute_bytes += r.second;
+        }
+    }
+    s.allocated = &g;
+}
+
+// Builds the graph of s.plan: embedding, the trunk layers, the output head of the
 // rows whose logits are wanted, then the cache writes and the deferred ring overwrites (after
 // every read of the old rings).
 std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key) {
@@ -79,8 +140,8 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     g->key = key;
     const size_t max_nodes = max_graph_nodes(hp) + size_t(key.segment_lengths.size()) * hp.n_layer_all * 64;
     const size_t mem = ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false);
-    g->mem.resize(mem);
-    g->ctx.reset(ggml_init({mem, g->mem.data(), true}));
+    g->mem.reset(new uint8_t[mem]);
+    g->ctx.reset(ggml_init({mem, g->mem.get(), true}));
     if (g->ctx == nullptr) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot create the graph context");
     }
@@ -141,8 +202,10 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     return g;
 }
 
-// The cached graph for `key`, built (evicting the least recently used) when there is none.
 }  // namespace
+
+// The cached graph for `key`, built (evicting the least recently used) when there is none, and
+// allocated.
 
 CachedGraph & graph_for(dsv4_session & s, const GraphKey & key) {
     CachedGraph * found = nullptr;
@@ -155,11 +218,15 @@ CachedGraph & graph_for(dsv4_session & s, const GraphKey & key) {
         if (s.graphs.size() >= kMaxCachedGraphs) {
             auto lru = std::min_element(s.graphs.begin(), s.graphs.end(),
                                         [](const auto & a, const auto & b) { return a->last_use < b->last_use; });
+            if (s.allocated == lru->get()) {
+                s.allocated = nullptr;
+            }
             s.graphs.erase(lru);
         }
         s.graphs.push_back(build_graph(s, key));
         found = s.graphs.back().get();
     }
+    allocate(s, *found);
     found->last_use = ++s.use_clock;
     return *found;
 }

@@ -73,8 +73,9 @@ void take_checkpoint(dsv4_session & s, int32_t slot, bool prompt) {
 
 // Runs graph g (its inputs set); on a backend failure every cached graph goes.
 void compute(dsv4_session & s, CachedGraph & g, const char * what) {
-    if (ggml_backend_sched_graph_compute(g.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
+    if (ggml_backend_sched_graph_compute(s.sched.get(), g.graph) != GGML_STATUS_SUCCESS) {
         s.current = nullptr;
+        s.allocated = nullptr;
         s.graphs.clear();
         fail(DSV4_ERR_BACKEND, "the backend failed to compute %s", what);
     }
@@ -482,13 +483,15 @@ dsv4_session_stats session_stats(const dsv4_session & s) {
     }
     st.n_restores = s.n_restores;
     st.n_reevaluated = s.n_reevaluated;
-    for (const auto & g : s.graphs) {
-        st.compute_bytes_all += ggml_backend_sched_get_buffer_size(g->sched.get(), s.backend.get());
+    if (s.sched != nullptr) {
+        st.compute_bytes_all = ggml_backend_sched_get_buffer_size(s.sched.get(), s.backend.get());
     }
     if (s.current != nullptr) {
-        st.compute_bytes = ggml_backend_sched_get_buffer_size(s.current->sched.get(), s.backend.get());
-        st.n_graph_splits = ggml_backend_sched_get_n_splits(s.current->sched.get());
-        st.n_graph_copies = ggml_backend_sched_get_n_copies(s.current->sched.get());
+        st.compute_bytes = s.current->compute_bytes;
+    }
+    if (s.current != nullptr && s.allocated == s.current) {
+        st.n_graph_splits = ggml_backend_sched_get_n_splits(s.sched.get());
+        st.n_graph_copies = ggml_backend_sched_get_n_copies(s.sched.get());
     }
     return st;
 }
@@ -497,6 +500,7 @@ dsv4_session_stats session_stats(const dsv4_session & s) {
 
 dsv4_session::~dsv4_session() {
     current = nullptr;
+    allocated = nullptr;
     graphs.clear();
     if (profile != nullptr) {
         dsv4::print_profile(*profile);

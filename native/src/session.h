@@ -15,6 +15,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
 
+#include <array>
 #include <memory>
 #include <vector>
 
@@ -25,7 +26,9 @@ struct OpProfile;
 
 struct CachedGraph {
     GraphKey key;
-    std::vector<uint8_t> mem;
+    std::unique_ptr<uint8_t[]> mem;        // not zero-filled: the context writes what it uses
+    size_t max_nodes = 0;
+    size_t compute_bytes = 0;              // what it needs of the session's compute buffer
     ggml_context_ptr ctx;                  // its tensors' metadata, in `mem`
     ggml_cgraph * graph = nullptr;
     ggml_tensor * logits = nullptr;
@@ -33,7 +36,11 @@ struct CachedGraph {
     ggml_tensor * out_rows = nullptr;      // i32: the batch rows whose logits are computed (null: all)
     ggml_tensor * health = nullptr;        // Σ of the last trunk layer's input: NaN/Inf check
     std::unique_ptr<Step> step;
-    ggml_backend_sched_ptr sched;          // each graph keeps its own compute buffer
+    // what the session's scheduler changes in the graph when it allocates it, undone before it
+    // allocates it again: its compute tensors' addresses, and the sources it redirects to copies
+    // between backends
+    std::vector<ggml_tensor *> compute_tensors;
+    std::vector<std::array<ggml_tensor *, GGML_MAX_SRC>> node_srcs;
     uint64_t last_use = 0;
     int64_t n_runs = 0;                    // micro-batches computed with it
 };
@@ -74,10 +81,14 @@ struct SeqRequest {
 struct dsv4_session {
     dsv4_model * model = nullptr;
     dsv4_session_params params{};
-    // members are freed in reverse order: the graphs (their schedulers use the backends), then
-    // the state, then the backends
+    // members are freed in reverse order: the graphs, the state, the scheduler (it uses the
+    // backends), then the backends
     ggml_backend_ptr backend;  // the backend of the state and of most ops (CPU or CUDA)
     ggml_backend_ptr cpu;      // CUDA sessions: the CPU, for weights kept in host memory
+    // one scheduler, and so one compute buffer, for every cached graph: a graph is (re)allocated
+    // in it when it is used after another one (graphs.cpp)
+    ggml_backend_sched_ptr sched;
+    size_t sched_nodes = 0;
 
     // persistent state (§4.1), every slot's rows stacked in each tensor
     ggml_context_ptr ctx_state;
@@ -91,6 +102,7 @@ struct dsv4_session {
     dsv4::StepPlan plan;
     std::vector<std::unique_ptr<dsv4::CachedGraph>> graphs;
     dsv4::CachedGraph * current = nullptr;
+    dsv4::CachedGraph * allocated = nullptr;  // the graph whose tensors the compute buffer holds
     uint64_t use_clock = 0;
     int64_t n_graph_builds = 0;
     int64_t n_ubatches = 0;
@@ -105,7 +117,8 @@ namespace dsv4 {
 
 std::unique_ptr<dsv4_session> create_session(dsv4_model * model, const dsv4_session_params & params);
 
-// The cached graph for `key` (graphs.cpp), built (evicting the least recently used) when there is none.
+// The cached graph for `key` (graphs.cpp), built (evicting the least recently used) when there is
+// none, and allocated in the session's compute buffer.
 CachedGraph & graph_for(dsv4_session & s, const GraphKey & key);
 
 // Bytes of the persistent state of n_seq sequence slots of n_ctx tokens (what create_session
