@@ -411,6 +411,43 @@ def test_batched_equals_alone_with_quantized_weights_and_caches(tmp_path_factory
     assert worst < QUANT_CASES[(weights, cache)]
 
 
+# K-quant routed experts over 16 experts, 8 per token: a batch's rows per expert straddle the
+# 8 rows at which ggml's tiled K-quant kernel takes over from its row-by-row one
+CONTENT_CASES = {
+    "f32": dict(),
+    "q8_0": dict(weight_type="q8_0"),
+    "q4_k-16-experts": dict(weight_type="q4_k", indexer_top_k=512, n_expert=16, n_expert_used=8, expert_ff=256),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTENT_CASES))
+def test_logits_do_not_depend_on_what_other_sequences_hold(tmp_path_factory, case):
+    """No cross-talk, bit for bit: a sequence's logits in batched steps are the same whatever
+    tokens the sequences batched with it hold (same lengths, so the same steps). This holds on
+    K-quant weights too: ggml's tiled K-quant kernel rounds differently from its row-by-row one,
+    and our patch 0007 makes the choice per batch, not per expert (where it followed the other
+    sequences' routing)."""
+    path = tmp_path_factory.mktemp("content") / f"tiny-{case}.gguf"
+    write_tiny_model(path, seed=0, **CONTENT_CASES[case])
+    mine = prompt(60, 50)
+
+    def run(m, others):
+        m.reset()
+        out = [m.eval_batch({0: mine[:40], **{k + 1: o[:40] for k, o in enumerate(others)}}, logits="all")[0]]
+        for i in range(40, 60):       # decode steps; every third one with 5-token chunks beside
+            step = {0: [mine[i]], **{k + 1: (o[i:i + 5] if i % 3 == 0 else [o[i]]) for k, o in enumerate(others)}}
+            out.append(m.eval_batch(step)[0])
+        return out
+
+    for repack in ("none", "auto"):
+        m = dsv4_ggml.Model(path, n_ctx=256, n_seq=4, repack=repack)
+        first = run(m, [prompt(70, 60 + k) for k in range(3)])
+        for variant in (1, 2):
+            other = run(m, [prompt(70, 60 + 10 * variant + k) for k in range(3)])
+            assert all(np.array_equal(a, b) for a, b in zip(first, other)), (repack, variant)
+        m.close()
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 def test_bad_sequence_operations_raise_and_change_nothing(tiny_model):
