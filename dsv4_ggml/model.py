@@ -248,8 +248,10 @@ class Model:
         `{seq: logits}` (each `[len(tokens), n_vocab]` with `logits="all"`, `[1, n_vocab]` with
         "last"). The sequences run together: each micro-batch reads the weights once for all of
         them (prompt chunks and single decode tokens mixed), each sequence attends to its own
-        state, and each gets the logits it would get alone. Validates everything first: on an
-        error no sequence changes. `mtp=True`: `{seq: (logits, mtp_logits)}` (see `eval`)."""
+        state, and each gets the logits it would get alone (up to the rounding of kernels that
+        differ with the batch shape; bit for bit the same whatever the other sequences hold).
+        Validates everything first: on an error no sequence changes. `mtp=True`:
+        `{seq: (logits, mtp_logits)}` (see `eval`)."""
         self._require_open()
         if not isinstance(batch, dict) or not batch:
             raise InvalidArgumentError("eval_batch needs a non-empty dict {seq: tokens}")

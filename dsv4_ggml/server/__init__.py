@@ -62,11 +62,12 @@ chunks mixed), a new request joins at the next step, a finished one frees its sl
 requests beyond the slots wait in a bounded queue. A request goes to the idle slot whose held
 tokens share the longest prefix with its prompt; only the rest is evaluated (usage reports
 `prompt_tokens_details.cached_tokens`). The sampling path is `Model.generate`'s and each sequence
-attends only to its own state, so a request gets the tokens it gets alone on an idle server:
-exactly with F32, F16 and Q8_0 weights (tests/test_server.py compares token ids); with K-quant
-weights ggml's batched and single-row kernels round differently (the random-weight Q4_K bench model:
-logits differ by up to 0.35 of 4.3 with another sequence in the batch, benchmarks/RESULTS.md), so
-a greedy stream can part at a near-tie, as in llama.cpp's batched server. A client that disconnects (queued, reading its prompt or mid-stream) has
+attends only to its own state: its logits are bit for bit the same whatever the requests batched
+with it hold (tests/test_sequences.py). They can change with how many tokens share its step
+(ggml's kernels round differently for different batch shapes): on the tiny F32 test models a
+request gets exactly the token ids it gets alone on an idle server (tests/test_server.py); on the
+random-weight Q8_0 and Q4_K bench models a logit moves by up to ~1.5 and a stream can part at a
+near-tie (benchmarks/RESULTS.md), as in llama.cpp's batched server. A client that disconnects (queued, reading its prompt or mid-stream) has
 its request dropped at the next step; the slot is left at a token boundary. SIGTERM ends running
 streams with a `server_shutdown` error event.
 """
