@@ -105,8 +105,11 @@ class MtpDrafter:
 class AdaptiveK:
     """Chooses the number of drafts per step from measured costs and the acceptance rate."""
 
-    def __init__(self, k_max: int, adaptive: bool = True, probe_every: int = 16):
-        self.k_max, self.adaptive, self.probe_every = k_max, adaptive, probe_every
+    def __init__(self, k_max: int, adaptive: bool = True, probe_every: int = 16, probe_max: int = 256):
+        self.k_max, self.adaptive, self.probe_every, self.probe_max = k_max, adaptive, probe_every, probe_max
+        # plain steps between two probes: doubles after each probe that gets nothing accepted
+        self.probe_interval = probe_every
+        self._probing = False
         self.verify_s: dict[int, float] = {}      # step size -> seconds (moving average)
         self.draft_s: float | None = None         # seconds per drafted token
         self.accept = 0.5                         # moving acceptance rate per draft
@@ -141,11 +144,16 @@ class AdaptiveK:
                 best_k, best = k, rate
         if best_k == 0:
             self.steps_plain += 1
-            if self.steps_plain % self.probe_every == 0:
+            if self.steps_plain % self.probe_interval == 0:
+                self._probing = True
                 return 1                          # look again: the text may have become predictable
         return best_k
 
     def record(self, k: int, accepted: int, verify_s: float, draft_s: float) -> None:
+        if self._probing:
+            self._probing = False
+            self.steps_plain = 0
+            self.probe_interval = self.probe_every if accepted else min(2 * self.probe_interval, self.probe_max)
         self.proposed += k
         self.accepted += accepted
         old = self.verify_s.get(k + 1)

@@ -130,3 +130,56 @@ def test_greedy_with_mtp_drafts_equals_plain_decoding(case):
         assert d.stats["proposed"] > 0
     with pytest.raises(InvalidArgumentError, match="mtp=True"):
         dsv4_ggml.Model(path, n_ctx=64).generate([1, 2], max_tokens=2, draft="mtp").__next__()
+
+
+N_GEN = 500
+# per config, the seed of a 12-token prompt whose plain greedy stream runs to the context end
+# (no EOS before it)
+PROMPT_SEEDS = {"default-seed0": 0, "mixed-seed1": 11, "nohash-seed2": 2}
+
+
+@pytest.fixture(scope="module")
+def draft_model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mtp-draft") / "tiny-seed1.gguf"
+    write_tiny_model(path, seed=1)
+    return path
+
+
+@pytest.mark.parametrize("config", list(PROMPT_SEEDS))
+def test_every_config_greedy_500_tokens_with_drafts_equals_plain(config, tmp_path_factory, draft_model_path):
+    """Each tiny config with an MTP block: 500 greedy tokens past every compression boundary to the
+    context end, plain vs MTP drafts (K = 1..4, fixed) vs a draft model (another tiny model, and
+    the target's own file as its draft: all accepted) vs adaptive K: the same tokens."""
+    from test_engine import CONFIGS
+
+    from dsv4_ggml.speculative import Drafting
+
+    cfg = dict(CONFIGS[config])
+    seed = cfg.pop("seed")
+    cfg.pop("prompt")
+    path = tmp_path_factory.mktemp("mtp-cfg") / f"tiny-{config}-mtp.gguf"
+    write_tiny_model(path, seed=seed, n_mtp_layers=1, **cfg)
+    prompt = [int(t) for t in np.random.default_rng(PROMPT_SEEDS[config]).integers(2, 512, 12)]
+    m = engine(path, n_ctx=len(prompt) + N_GEN)
+
+    def stream(draft=None):
+        m.reset()
+        return [(c.token, c.finish_reason) for c in m.generate(prompt, max_tokens=N_GEN + 10, temperature=0,
+                                                                draft=draft)]
+
+    plain = stream()
+    assert len(plain) == N_GEN and plain[-1][1] == "length"   # ends at the context end
+    for k in (1, 2, 3, 4):
+        d = Drafting.of("mtp", k, adaptive=False)
+        assert stream(d) == plain, ("mtp", k)
+        assert d.stats["proposed"] >= N_GEN // (k + 1) - 1
+    other = dsv4_ggml.Model(draft_model_path, n_ctx=len(prompt) + N_GEN)
+    own = dsv4_ggml.Model(path, n_ctx=len(prompt) + N_GEN)
+    for name, drafter, k in (("draft model", other, 3), ("own file", own, 4), ("mtp adaptive", "mtp", 4)):
+        d = Drafting.of(drafter, k, adaptive=name == "mtp adaptive")
+        assert stream(d) == plain, name
+        if name == "own file":
+            assert d.stats["acceptance"] == 1.0
+    other.close()
+    own.close()
+    m.close()

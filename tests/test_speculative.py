@@ -198,6 +198,29 @@ def test_adaptive_k_stops_drafting_when_drafts_fail():
     assert good.choose() == 4
 
 
+def test_adaptive_k_probes_less_often_while_probes_fail():
+    k = AdaptiveK(4, probe_every=16, probe_max=128)
+    k.record(1, 0, verify_s=0.021, draft_s=0.002)
+    k.record(0, 0, verify_s=0.010, draft_s=0.0)
+    gaps, since = [], 0
+    for _ in range(600):
+        n = k.choose()
+        since += 1
+        if n:
+            gaps.append(since)
+            since = 0
+            k.record(n, 0, verify_s=0.021, draft_s=0.002)       # the probe fails
+        else:
+            k.record(0, 0, verify_s=0.010, draft_s=0.0)
+    assert gaps[:4] == [16, 32, 64, 128] and set(gaps[4:]) == {128}
+    # a probe that gets a draft accepted brings the probing back to every 16 plain steps
+    k.accept = 0.0
+    while not k.choose():
+        k.record(0, 0, verify_s=0.010, draft_s=0.0)
+    k.record(1, 1, verify_s=0.021, draft_s=0.002)
+    assert k.probe_interval == 16
+
+
 def test_bench_draft_checks_every_stream(tiny_model):
     import io
 

@@ -8,6 +8,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 namespace dsv4 {
 
@@ -192,7 +195,7 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
         g->logits = output_head(st, m.weights, out_rows(ctx, X, g->out_rows));
         ggml_set_output(g->logits);
         ggml_build_forward_expand(g->graph, g->logits);
-        if (Xm != nullptr) {
+        if (Xm != nullptr && key.mtp_out) {  // the MTP head only when its logits are asked for
             g->mtp_logits = head(st, m.weights, out_rows(ctx, Xm, g->out_rows), mtp_norm(m));
             ggml_set_output(g->mtp_logits);
             ggml_build_forward_expand(g->graph, g->mtp_logits);
@@ -222,6 +225,12 @@ CachedGraph & graph_for(dsv4_session & s, const GraphKey & key) {
                 s.allocated = nullptr;
             }
             s.graphs.erase(lru);
+#if defined(__GLIBC__)
+            // give the evicted graph's metadata back to the system: glibc keeps freed blocks of
+            // this size in its heap, and a server that rebuilds graphs for ever-new batch shapes
+            // would hold a band of tens of MiB it no longer uses
+            malloc_trim(0);
+#endif
         }
         s.graphs.push_back(build_graph(s, key));
         found = s.graphs.back().get();

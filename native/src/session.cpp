@@ -91,7 +91,9 @@ void run_ubatch(dsv4_session & s, const std::vector<Segment> & segs, int64_t n_g
         out_rows.push_back(o.row);
     }
     s.plan = make_plan(hp, s.geo, segs, n_group, tokens.data(), out_rows);
-    CachedGraph & g = graph_for(s, graph_key(s.plan));
+    GraphKey key = graph_key(s.plan);
+    key.mtp_out = std::any_of(outs.begin(), outs.end(), [](const OutRow & o) { return o.mtp_dst != nullptr; });
+    CachedGraph & g = graph_for(s, key);
     s.current = &g;
     g.step->set_inputs();
     if (g.out_rows != nullptr) {

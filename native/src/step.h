@@ -182,10 +182,11 @@ struct GraphKey {
     std::vector<int64_t> segment_lengths;  // the non-group segments'
     bool real4 = false, real128 = false;   // the batch completes a ratio-4 / ratio-128 block
     bool mtp_only = false;                 // an MTP draft step: the MTP block alone (§3.10)
+    bool mtp_out = false;                  // the MTP block's logits are wanted (else only its rows run)
     bool operator==(const GraphKey & o) const {
         return n_tokens == o.n_tokens && n_group == o.n_group && n_view4 == o.n_view4 && n_view128 == o.n_view128 &&
                n_out == o.n_out && segment_lengths == o.segment_lengths && real4 == o.real4 && real128 == o.real128 &&
-               mtp_only == o.mtp_only;
+               mtp_only == o.mtp_only && mtp_out == o.mtp_out;
     }
 };
 GraphKey graph_key(const StepPlan & p);
