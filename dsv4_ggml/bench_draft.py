@@ -120,10 +120,13 @@ def run_draft_bench(path: str, draft_path: str | None = None, n_gen: int = 128, 
               f"(keeping the MTP state costs {t_plain / t_base - 1:+.1%})", file=stream)
     if draft_path:
         dm = None if mtp else Model(draft_path, n_ctx=m.n_ctx, n_threads=threads)
-        for k in ks:
-            d = Drafting.of("mtp", k, adaptive=False) if mtp else Drafting(ModelDrafter(dm), n_draft=k, adaptive=False)
+        out["drafter"] = {}
+        for k in list(ks) + ["adaptive"]:
+            n, adaptive = (max(ks), True) if k == "adaptive" else (k, False)
+            d = Drafting.of("mtp", n, adaptive) if mtp else Drafting(ModelDrafter(dm), n_draft=n, adaptive=adaptive)
             got, dt = _decode(m, prompt, n_gen, d)
             s = d.stats
+            out["drafter"][k] = len(got) / dt
             print(f"{'MTP' if mtp else 'draft model'} K={k}: {len(got) / dt:.1f} t/s ({len(got) / dt / tg:.2f}x), "
                   f"acceptance {s['acceptance']:.0%}, draft {1e3 * (s['draft_s_per_token'] or 0):.2f} ms/token",
                   file=stream)
