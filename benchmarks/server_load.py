@@ -5,8 +5,12 @@ Load phase (one server, `--load-parallel` slots): reference requests (temperatur
 seed) are first run alone on the idle server; then `--clients` clients send `--requests` mixed
 requests (chat / completion, streamed / not, max_tokens 8-32, a third of them closing the
 connection after a few events) while /health is polled every 100 ms. The reference requests are
-mixed into the load and must give the text they gave alone (no cross-talk between slots).
-Checks: no 5xx, no transport error, no /health failure, no mismatch, RSS after the load within
+mixed into the load and must give the text they gave alone (no cross-talk between slots); an
+answer that differs is replayed alone, teacher-forced, and counts as rounding when each token is
+a choice the sampler could make from logits within the file's measured batch variance
+(benchmarks/crosstalk.py), as cross-talk otherwise. Where that variance is so large that other
+prompts' answers would pass too (the negative control), the check says it is inconclusive.
+Checks: no 5xx, no transport error, no /health failure, no cross-talk, RSS after the load within
 `--rss-tolerance` of RSS after the warm-up. Any failure: exit status 1.
 
 Bench phase: the same streamed request set (`--bench-requests` at `--bench-clients` at once,
@@ -119,11 +123,14 @@ def sampling_params(spec: dict):
     return SamplingParams(**{k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")})
 
 
-def check_differences(args, refs: list[dict], alone: list[dict], differ: list) -> tuple[list, list]:
+def check_differences(args, refs: list[dict], alone: list[dict], differ: list) -> tuple[list, list, bool]:
     """The reference answers that differ from their alone runs, split into (cross-talk, numeric):
     numeric when every token is a choice the sampler could make from the alone logits moved by at
-    most eps, the file's measured batch variance (benchmarks/crosstalk.py). Also reports a negative
-    control: the other references' alone answers checked against each greedy prompt."""
+    most eps, the file's measured batch variance (benchmarks/crosstalk.py); and whether that split
+    is decisive: a negative control checks the other references' alone answers against each greedy
+    prompt, and when any of those foreign answers passes, eps is too large for the answers to tell
+    cross-talk from rounding (the random-weight bench models: a logit moves by ~1.5 with the
+    batch; there tests/test_sequences.py's bit-for-bit content test is the evidence)."""
     import dsv4_ggml
 
     from crosstalk import batch_variance, explained, replay
@@ -145,9 +152,10 @@ def check_differences(args, refs: list[dict], alone: list[dict], differ: list) -
     print(f"batch variance of this file: max |Δlogit| {eps:.3g} (the {len(cases)} references alone vs "
           f"{model.n_seq} at a time); {len(differ)} answers under load differ from alone: {len(numeric)} within it "
           f"(greedy gaps up to {max(gaps, default=0):.3g} of {2 * eps:.3g} allowed), {len(cross)} not; "
-          f"negative control: {passed} of {len(control)} foreign greedy answers would pass")
+          f"negative control: {passed} of {len(control)} foreign greedy answers would pass"
+          + ("" if not passed else " — so on this file the answers cannot tell cross-talk from rounding"))
     model.close()
-    return cross, numeric
+    return cross, numeric, passed == 0
 
 
 # --- one request -------------------------------------------------------------------------------------------
@@ -327,9 +335,9 @@ async def load_phase(args, log_dir: str) -> bool:
     stream_err = [(s, r) for s, r in pairs if r["status"] == 200 and r["error"]]
     differ = [(s, r) for s, r in pairs if "ref" in s and r["status"] == 200 and r["text"] != alone[s["ref"]]["text"]]
     bad_alone = [r for r in alone if r["status"] != 200]
-    mismatch, numeric = differ, []
+    mismatch, numeric, decisive = differ, [], True
     if differ and not bad_alone:
-        mismatch, numeric = check_differences(args, refs, alone, differ)
+        mismatch, numeric, decisive = check_differences(args, refs, alone, differ)
     change = (rss_after - rss_before) / rss_before
     checks = [
         ("5xx responses", len(n5xx), not n5xx),
@@ -338,8 +346,9 @@ async def load_phase(args, log_dir: str) -> bool:
         ("error events in streams", len(stream_err), not stream_err),
         ("/health failures", len(health["failures"]), not health["failures"]),
         ("reference requests failing alone", len(bad_alone), not bad_alone),
-        (f"cross-talk mismatches (of {n_ref} reference requests)", len(mismatch), not mismatch),
-        ("  of which differ within the batch variance (not cross-talk)", len(numeric), True),
+        (f"cross-talk mismatches (of {n_ref} reference requests)",
+         len(mismatch) if decisive else f"{len(mismatch)} (inconclusive)", not mismatch or not decisive),
+        ("  answers that differ within the batch variance", len(numeric), True),
         ("RSS after warm-up / after load (MiB)", f"{rss_before:.1f} / {rss_after:.1f} ({change:+.2%})",
          abs(change) <= args.rss_tolerance),
     ]

@@ -41,7 +41,7 @@ WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q
 QUANTIZED = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight",
              "attn_output_a.weight", "attn_output_b.weight", "indexer.attn_q_b.weight", "ffn_gate_exps.weight",
              "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
-             "ffn_down_shexp.weight")
+             "ffn_down_shexp.weight", "nextn.eh_proj.weight")
 
 
 _INT_FIELDS = ("n_vocab", "n_embd", "n_layer", "n_hash_layers", "n_mtp_layers", "n_head", "head_dim", "n_rot",

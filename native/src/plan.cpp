@@ -182,15 +182,17 @@ StepPlan make_plan(const dsv4_hparams & hp, const Geometry & geo, const std::vec
         }
     }
     // MTP input (§3.10): the final streams of each token's previous position, as rows of
-    // concat(xfin ring: slots·R rows and a zero row, this batch): the first token of a segment
-    // reads its slot's ring (the zero row at position 0), the others the batch row before them
+    // the trunk's final streams before each token: the first token of a segment reads its slot's
+    // xfin ring (the zero row after the slots' rows at position 0), the others the batch row
+    // before them; mtp_prev indexes concat(those ring rows, this batch)
     const int64_t zero_row = geo.n_slots * R;
+    p.mtp_ring.assign(size_t(T), int32_t(zero_row));
     p.mtp_prev.resize(size_t(T));
     for (const Segment & sg : segs) {
+        const int64_t t0 = sg.offset;
+        p.mtp_ring[size_t(t0)] = int32_t(sg.pos0 == 0 ? zero_row : sg.slot * R + pos_mod(sg.pos0 - 1, R));
         for (int64_t i = 0; i < sg.n; ++i) {
-            p.mtp_prev[size_t(sg.offset + i)] =
-                i > 0 ? int32_t(zero_row + 1 + sg.offset + i - 1)
-                      : int32_t(sg.pos0 == 0 ? zero_row : sg.slot * R + pos_mod(sg.pos0 - 1, R));
+            p.mtp_prev[size_t(t0 + i)] = i > 0 ? int32_t(T + t0 + i - 1) : int32_t(t0);
         }
     }
 

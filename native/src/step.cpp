@@ -121,13 +121,15 @@ KeySet Step::window(uint32_t il, ggml_tensor * kv) {
 }
 
 ggml_tensor * Step::mtp_prev(uint32_t il, ggml_tensor * X) {
-    ggml_tensor * ring = layers_[il].xfin;
-    mtp_prev_ = input(GGML_TYPE_I32, n_tokens);
-    ggml_tensor * rows = ring;
+    // the ring rows of the segments' first tokens only (the ring holds every slot's window)
+    mtp_ring_ = input(GGML_TYPE_I32, n_tokens);
+    ggml_tensor * rows = ggml_get_rows(ctx, layers_[il].xfin, mtp_ring_);
     if (X != nullptr) {
-        rows = ggml_concat(ctx, ring, ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], n_tokens), 1);
+        mtp_prev_ = input(GGML_TYPE_I32, n_tokens);
+        rows = ggml_get_rows(ctx, ggml_concat(ctx, rows, ggml_reshape_2d(ctx, X, X->ne[0] * X->ne[1], n_tokens), 1),
+                             mtp_prev_);
     }
-    return ggml_reshape_3d(ctx, ggml_get_rows(ctx, rows, mtp_prev_), int64_t(hp.n_embd), int64_t(hp.hc_mult), n_tokens);
+    return ggml_reshape_3d(ctx, rows, int64_t(hp.n_embd), int64_t(hp.hc_mult), n_tokens);
 }
 
 void Step::keep_final(uint32_t il, ggml_tensor * X) {
@@ -261,6 +263,7 @@ void Step::set_inputs() const {
     }
     put(window_src_, plan_.window_src.data(), plan_.window_src.size() * sizeof(int32_t));
     put(window_dst_, plan_.window_dst.data(), plan_.window_dst.size() * sizeof(int64_t));
+    put(mtp_ring_, plan_.mtp_ring.data(), plan_.mtp_ring.size() * sizeof(int32_t));
     put(mtp_prev_, plan_.mtp_prev.data(), plan_.mtp_prev.size() * sizeof(int32_t));
     for (int which = 0; which < 2; ++which) {
         const RatioInputs & in = which == 0 ? in4_ : in128_;

@@ -164,8 +164,9 @@ struct StepPlan {
     std::vector<int32_t> window_src;      // batch rows kept in the window rings ...
     std::vector<int64_t> window_dst;      // ... and their rows
     std::vector<int32_t> out_rows;        // batch rows whose logits are computed
-    std::vector<int32_t> mtp_prev;        // [T] the row of concat(xfin ring, batch's final streams) holding
-                                          // each token's previous position (MTP input, §3.10)
+    std::vector<int32_t> mtp_ring;        // [T] the xfin ring row a segment's first token reads (others: the zero row)
+    std::vector<int32_t> mtp_prev;        // [T] the row of concat(those T ring rows, batch's final streams)
+                                          // holding each token's previous position (MTP input, §3.10)
     bool has4 = false, has128 = false;
     RatioPlan r4, r128;
 };
@@ -276,6 +277,7 @@ class Step {
     std::vector<ggml_tensor *> segment_ring_;
     ggml_tensor * window_src_ = nullptr;
     ggml_tensor * window_dst_ = nullptr;
+    ggml_tensor * mtp_ring_ = nullptr;
     ggml_tensor * mtp_prev_ = nullptr;
     void window_inputs();
     RatioInputs in4_, in128_;
