@@ -504,7 +504,9 @@ class Model:
         state_bytes (every slot), slot_state_bytes (one slot), n_seq, checkpoint_bytes, n_restores
         and n_reevaluated (truncations that went back further than the rings reach, and the tokens
         they recomputed), compute_bytes, n_graph_splits and n_graph_copies (of the current graph:
-        the backend splits the scheduler made, the tensors it copies between backends)."""
+        what it needs of the compute buffer, the backend splits the scheduler made, the tensors it
+        copies between backends) and compute_bytes_all (the session's one compute buffer, shared
+        by every cached graph)."""
         self._require_open()
         st = self._ffi.new("dsv4_session_stats *")
         _native.check(self._lib.dsv4_session_get_stats(self._session, st))
