@@ -230,5 +230,8 @@ def test_bench_draft_checks_every_stream(tiny_model):
     res = run_draft_bench(str(tiny_model), str(tiny_model), n_gen=24, threads=1, n_prompt=16, rates=(1.0, 0.0),
                           ks=(1, 2), stream=out)
     assert set(res["oracle"]) == {1.0, 0.0} and set(res["oracle"][1.0]) == {1, 2, "adaptive"}
+    # the oracle follows the target's context: on F32 weights its forced rates are the real ones
+    assert res["oracle_acceptance"][1.0][1] == res["oracle_acceptance"][1.0][2] == 1.0
+    assert res["oracle_acceptance"][0.0][2] == 0.0
     assert "draft model K=2" in out.getvalue() and "acceptance 100%" in out.getvalue()
     assert res["streams_part"] == {}            # F32 weights: every stream equals plain decoding
