@@ -243,10 +243,11 @@ class Model:
         state at t − 1 and token t (§3.10)."""
         return self.eval_batch({seq: tokens}, logits=logits, mtp=mtp)[self._seq(seq)]
 
-    def eval_batch(self, batch: dict, logits: str = "last", mtp: bool = False) -> dict:
+    def eval_batch(self, batch: dict, logits: str | dict = "last", mtp: bool = False) -> dict:
         """Appends tokens to several sequences at once, `{seq: tokens, ...}`, and returns
         `{seq: logits}` (each `[len(tokens), n_vocab]` with `logits="all"`, `[1, n_vocab]` with
-        "last"). The sequences run together: each micro-batch reads the weights once for all of
+        "last"; or a dict `{seq: "all" | "last"}`, "last" for the sequences it leaves out). The
+        sequences run together: each micro-batch reads the weights once for all of
         them (prompt chunks and single decode tokens mixed), each sequence attends to its own
         state, and each gets the logits it would get alone (up to the rounding of kernels that
         differ with the batch shape; bit for bit the same whatever the other sequences hold).
@@ -255,8 +256,11 @@ class Model:
         self._require_open()
         if not isinstance(batch, dict) or not batch:
             raise InvalidArgumentError("eval_batch needs a non-empty dict {seq: tokens}")
-        if logits not in ("all", "last"):
-            raise InvalidArgumentError(f"logits must be 'all' or 'last', got {logits!r}")
+        modes = logits if isinstance(logits, dict) else {seq: logits for seq in batch}
+        for mode in list(modes.values()) + ([] if isinstance(logits, dict) else [logits]):
+            if mode not in ("all", "last"):
+                raise InvalidArgumentError(f"logits must be 'all' or 'last' (or a dict of them by sequence), "
+                                           f"got {mode!r}")
         if mtp and not self.mtp:
             raise InvalidArgumentError("MTP logits need a model opened with mtp=True")
         ffi, lib = self._ffi, self._lib
@@ -265,7 +269,7 @@ class Model:
         for i, (seq, tokens) in enumerate(batch.items()):
             seq = self._seq(seq)
             toks = fed[seq] = self._token_array(tokens)
-            rows = len(toks) if logits == "all" else 1
+            rows = len(toks) if modes.get(seq, "last") == "all" else 1
             res = np.empty((rows, self.n_vocab), dtype=np.float32)
             if mtp:
                 res_mtp = np.empty((rows, self.n_vocab), dtype=np.float32)

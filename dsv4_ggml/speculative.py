@@ -74,9 +74,10 @@ class MtpDrafter:
     sampled, each further row the MTP block's own output with the previous draft (llama.cpp's
     draft-mtp). Greedy, or by sampling with `params`."""
 
-    def __init__(self, params: SamplingParams | None = None):
+    def __init__(self, params: SamplingParams | None = None, seq: int = 0):
         self.sampler = Sampler(params if params is not None else SamplingParams(temperature=0.0))
         self.model = None
+        self.seq = seq                  # the target's sequence it drafts for
 
     def check_compatible(self, target) -> None:
         if not getattr(target, "mtp", False):
@@ -86,14 +87,14 @@ class MtpDrafter:
     def propose(self, context: Sequence[int], k: int, rng: np.random.Generator | None = None
                 ) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
         m = self.model
-        held = m._tokens
+        held = m._seqs[self.seq]
         if len(context) != len(held) + 1 or list(context[:-1]) != held:
             raise InvalidArgumentError("MTP drafting goes on from the tokens the target holds and the one sampled after them")
         rng = rng if rng is not None else self.sampler.rng
         k = min(k, m.n_ctx - 1 - len(context), 31)
         drafts, dists, t = [], [], int(context[-1])
         for i in range(max(k, 0)):
-            logits = m.mtp_draft(t, offset=i)
+            logits = m.mtp_draft(t, offset=i, seq=self.seq)
             recent = self.sampler.params.repeat_last_n
             ids, probs = self.sampler.distribution(logits, (list(context[-recent:]) if recent else []) + drafts)
             t = int(ids[rng.choice(len(ids), p=probs)]) if len(ids) > 1 else int(ids[0])

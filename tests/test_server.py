@@ -543,3 +543,41 @@ def test_disk_prompt_cache_survives_restarts(tiny_model, tmp_path):
     again, log = one_run(False)
     assert again == cold
     assert f"ignoring {saved[0].name}" in log and "Traceback" not in log
+
+
+# --- speculative decoding in the server (--draft mtp) ----------------------------------------------------
+def test_draft_mtp_server_gives_the_plain_greedy_tokens(tmp_path_factory):
+    """`serve --draft mtp`: every slot drafts with the MTP block and verifies in the batched step;
+    8 concurrent greedy requests (K fixed at 3, so every step drafts) get the token ids a server
+    without drafts gives, and seeded sampling still reproduces its stream."""
+    from dsv4_ggml.tiny import write_tiny_model
+
+    path = tmp_path_factory.mktemp("draft-server") / "tiny-mtp.gguf"
+    write_tiny_model(path, seed=0, n_mtp_layers=1)
+    jobs = [{"prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), "max_tokens": 40, "temperature": 0.0}
+            for i in range(8)]
+    sampled = {"prompt": "Seeded", "max_tokens": 24, "temperature": 1.0, "seed": 5}
+    answers = {}
+    for label, extra in (("plain", ()), ("draft", ("--draft", "mtp", "--n-draft", "3", "--no-adaptive-draft"))):
+        proc, base = _start_server(path, "--api-key", KEY, "--alias", MODEL_ID, "-np", "4", *extra)
+        try:
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                answers[label] = list(pool.map(lambda j: _completion_tokens(base, j), jobs))
+            answers[label + "-seeded"] = [_completion_tokens(base, sampled) for _ in range(2)]
+            if label == "draft":       # every step drafted (K fixed): rollbacks of every length happened
+                proposed = _metric(base, "dsv4_draft_tokens_proposed_total")
+                accepted = _metric(base, "dsv4_draft_tokens_accepted_total")
+                print(f"--draft mtp: {accepted:.0f} of {proposed:.0f} drafts accepted")
+                assert proposed > 100 and accepted < proposed
+        finally:
+            _stop(proc)
+    assert answers["draft"] == answers["plain"]
+    assert all(len(a) == 40 for a in answers["plain"])
+    seeded = answers["draft-seeded"]
+    assert seeded[0] == seeded[1] and len(seeded[0]) == 24
+
+
+def test_draft_needs_an_mtp_block(tiny_model):
+    proc = subprocess.run([sys.executable, "-m", "dsv4_ggml.server", "-m", str(tiny_model), "--draft", "mtp",
+                           "--port", str(_free_port())], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "MTP" in (proc.stderr + proc.stdout)

@@ -34,12 +34,15 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
           default_max_tokens: int | None = None, cors_origins: list[str] | None = None,
           log_level: str = "info", n_gpu_layers: int | None = None, experts_on_host: bool = False,
           repack: bool | str = True, parallel: int | str = "auto", max_queue: int = 64,
-          cache_dir: str | None = None, cache_mib: int = 8192) -> None:
+          cache_dir: str | None = None, cache_mib: int = 8192, draft: str | None = None, n_draft: int = 2,
+          adaptive_draft: bool = True) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C / SIGTERM). `model_path` None:
     the embedded tiny random model (a demo). `parallel`: sequence slots that generate at once
     (continuous batching); "auto": 4 when their state fits in half the free memory, else 1.
     `max_queue`: requests that may wait for a slot. `cache_dir`: slot states saved there (at most
-    `cache_mib` MiB, least recently used first out) and restored on a prefix hit, across restarts."""
+    `cache_mib` MiB, least recently used first out) and restored on a prefix hit, across restarts.
+    `draft="mtp"`: speculative decoding with the file's MTP block in every slot (`n_draft` drafts
+    at most, K adapting unless `adaptive_draft=False`)."""
     _require_deps()
     import uvicorn
 
@@ -53,18 +56,19 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
     try:
         model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, backend=backend, n_ubatch=n_ubatch,
                       cache_type=cache_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-                      experts_on_host=experts_on_host, repack=repack, n_seq=parallel)
+                      experts_on_host=experts_on_host, repack=repack, n_seq=parallel, mtp=draft == "mtp")
         _ = (model.tokenizer, model.chat_template)     # build both now, not in the first request
     finally:
         if temporary:     # loaded (mapped) already; uvicorn ends a SIGTERM by the signal, so no atexit
             import shutil
             shutil.rmtree(os.path.dirname(model_path), ignore_errors=True)
     app = build_app(model, model_id=model_id, api_key=api_key, default_max_tokens=default_max_tokens,
-                    cors_origins=cors_origins, max_queue=max_queue, cache_dir=cache_dir, cache_bytes=cache_mib << 20)
+                    cors_origins=cors_origins, max_queue=max_queue, cache_dir=cache_dir, cache_bytes=cache_mib << 20,
+                    draft=draft, n_draft=n_draft, adaptive_draft=adaptive_draft)
     slot_mib = model.estimate_state_bytes(n_ctx, per_slot=True) / 2**20
     print(f"serving {app.state.model_id!r} (n_ctx {n_ctx}, {backend}, {model.n_seq} parallel slot"
           f"{'s' if model.n_seq > 1 else ''} of {slot_mib:.1f} MiB{' (auto)' if parallel == 'auto' else ''}, "
-          f"queue {max_queue}) on http://{host}:{port}/v1"
+          f"queue {max_queue}{f', MTP drafts up to {n_draft}' if draft else ''}) on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
     scheduler = app.state.scheduler
 
@@ -107,6 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save slot states here and restore them on a prompt-prefix hit, across restarts")
     parser.add_argument("--cache-size", type=int, default=8192,
                         help="MiB the --cache-dir may hold; least recently used states go first (default 8192)")
+    parser.add_argument("--draft", choices=("mtp",), default=None,
+                        help="speculative decoding with the file's MTP block (spec §3.10) in every slot")
+    parser.add_argument("--n-draft", type=int, default=2, help="most drafts per slot and step with --draft (default 2)")
+    parser.add_argument("--no-adaptive-draft", action="store_true",
+                        help="always draft --n-draft tokens (default: K adapts to measured costs and acceptance)")
     parser.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
     parser.add_argument("--cache-type", default="f16", help="f32, f16 (default), bf16 or q8_0")
     parser.add_argument("--no-flash-attn", action="store_true", help="attention by matmul + softmax")
@@ -137,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
           model_id=args.alias, n_ubatch=args.ubatch, cache_type=args.cache_type,
           flash_attn=not args.no_flash_attn, default_max_tokens=args.n_predict, cors_origins=args.cors_origin,
           log_level=args.log_level, parallel=args.parallel, max_queue=args.queue_size,
-          cache_dir=args.cache_dir, cache_mib=args.cache_size, **backend_kwargs(args))
+          cache_dir=args.cache_dir, cache_mib=args.cache_size, draft=args.draft, n_draft=args.n_draft,
+          adaptive_draft=not args.no_adaptive_draft, **backend_kwargs(args))
     return 0
 
 

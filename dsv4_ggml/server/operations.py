@@ -21,6 +21,8 @@ COUNTERS = (   # scheduler counter, metric name, help
     ("cache_hits", "prompt_cache_hits", "requests that reused at least one cached prompt token"),
     ("disk_cache_hits", "disk_cache_hits", "slot states restored from --cache-dir"),
     ("steps", "engine_steps", "batched engine steps"),
+    ("draft_proposed", "draft_tokens_proposed", "draft tokens verified (--draft)"),
+    ("draft_accepted", "draft_tokens_accepted", "draft tokens accepted (--draft)"),
 )
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ContextOverflowError, InvalidArgumentError, StateError
 from ..generation import GenerationChunk, TokenGenerator, check_prompt_fits
 from ..sampling import SamplingParams
+from ..speculative import MAX_DRAFT, AdaptiveK, MtpDrafter, _accept_sampled
 
 log = logging.getLogger("uvicorn.error")
 
@@ -64,6 +65,9 @@ class Task:
     _gen: TokenGenerator | None = None
     _pending: list[int] = field(default_factory=list)   # prompt (or forced) tokens not evaluated yet
     _save_at: int | None = None        # --cache-dir: save the slot's state when it holds this many tokens
+    _drafter: Any = None               # --draft: the slot's MtpDrafter and AdaptiveK
+    _policy: Any = None
+    _drafted: tuple = ()               # this step's (drafts, their distributions, drafting seconds)
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,7 +99,15 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Scheduler:
     """Runs tasks on `model` (a `Model` opened with `n_seq` slots) on its own thread."""
 
-    def __init__(self, model, max_queue: int = 64, n_batch: int | None = None, disk_cache=None):
+    def __init__(self, model, max_queue: int = 64, n_batch: int | None = None, disk_cache=None,
+                 draft: str | None = None, n_draft: int = 2, adaptive_draft: bool = True):
+        if draft not in (None, "mtp"):
+            raise InvalidArgumentError(f"the server drafts with 'mtp' (the model's MTP block) or not at all, got {draft!r}")
+        if draft == "mtp" and not getattr(model, "mtp", False):
+            raise InvalidArgumentError("--draft mtp needs the model opened with mtp=True (and a file with an MTP block)")
+        if not 1 <= n_draft <= MAX_DRAFT:
+            raise InvalidArgumentError(f"n_draft must be in 1..{MAX_DRAFT}, got {n_draft}")
+        self.draft, self.n_draft, self.adaptive_draft = draft, n_draft, adaptive_draft
         self.model = model
         self.disk_cache = disk_cache           # a DiskCache (--cache-dir) or None
         self.n_ctx = int(model.n_ctx)
@@ -258,6 +270,10 @@ class Scheduler:
             model.truncate(keep, seq=seq)
             recomputed = model.stats()["n_reevaluated"] - before
         slot.task, task.seq = task, seq
+        if self.draft == "mtp":
+            task._drafter = MtpDrafter(task.params, seq)
+            task._drafter.check_compatible(model)
+            task._policy = AdaptiveK(self.n_draft, self.adaptive_draft)
         task.started = time.monotonic()
         task.cached_tokens = max(0, keep - recomputed)
         task.evaluated_tokens = recomputed
@@ -278,10 +294,11 @@ class Scheduler:
         batch: dict[int, list[int]] = {}
         budget = self.n_batch
         running = [s for s in self.slots if s.task is not None]
-        for s in running:               # decoding slots: one token each
+        for s in running:               # decoding slots: one token each, and its drafts (--draft)
             if not s.task._pending:
-                batch[s.seq] = [s.task.generated[-1]]
-                budget -= 1
+                t = s.task.generated[-1]
+                batch[s.seq] = [t] + self._draft(s, t, budget)
+                budget -= len(batch[s.seq])
         for s in sorted(running, key=lambda s: s.task.started):   # prompts, oldest first
             if s.task._pending and budget > 0:
                 n = budget
@@ -292,8 +309,11 @@ class Scheduler:
                 budget -= len(chunk)
         if not batch:
             return
+        decoding = {s.seq for s in running if not s.task._pending}
+        modes = {seq: "all" if seq in decoding and len(toks) > 1 else "last" for seq, toks in batch.items()}
+        t_step = time.perf_counter()
         try:
-            out = model.eval_batch(batch, logits="last")
+            out = model.eval_batch(batch, logits=modes)
         except Exception as e:  # noqa: BLE001 - fail the tasks of this step, keep serving the others
             for s in running:
                 if s.seq in batch:
@@ -317,12 +337,61 @@ class Scheduler:
                 if task._pending:
                     continue
             else:
-                self.counters["generated_tokens_evaluated"] += 1
-            self._sample(s, task, out[s.seq][0])
+                self.counters["generated_tokens_evaluated"] += len(batch[s.seq])
+            if task._drafted:
+                self._verify(s, task, out[s.seq], time.perf_counter() - t_step)
+            else:
+                if task._policy is not None and s.seq in decoding:   # a plain decode step: its cost
+                    task._policy.record(0, 0, time.perf_counter() - t_step, 0.0)
+                self._sample(s, task, out[s.seq][0])
 
-    def _sample(self, slot: Slot, task: Task, logits) -> None:
+    def _draft(self, slot: Slot, t: int, budget: int) -> list[int]:
+        """The drafts slot's task verifies this step after its token t (none without --draft, while
+        forced tokens wait, or when adaptive K says drafting does not pay)."""
+        task = slot.task
+        task._drafted = ()
+        if task._policy is None or task.forced:
+            return []
         held = self.model._seqs[slot.seq]
-        chunk: GenerationChunk = task._gen.next(logits, held, len(held))
+        room = min(self.n_ctx - 2 - len(held), task.max_tokens - task._gen.n_generated - 1, budget - 1)
+        k = max(0, min(task._policy.choose(), room))
+        if not k:
+            return []
+        t0 = time.perf_counter()
+        drafts, dists = task._drafter.propose(held + [t], k, task._gen.sampler.rng)
+        task._drafted = (drafts, dists, time.perf_counter() - t0)
+        self.counters["draft_proposed"] += len(drafts)
+        return list(drafts)
+
+    def _verify(self, slot: Slot, task: Task, rows, step_s: float) -> None:
+        """Speculative decoding's accept step for a slot that ran [t, drafts...]: the longest prefix
+        of drafts the sampler agrees with (greedy: equal to its choice; sampling: accepted with
+        min(1, p/q), else resampled from the residual), then the model's own next token; the
+        rest of the drafts is rolled back (speculative.py does the same for one sequence)."""
+        drafts, dists, draft_s = task._drafted
+        task._drafted = ()
+        model, seq, gen = self.model, slot.seq, task._gen
+        held = model._seqs[seq]
+        n_base = len(held) - 1 - len(drafts)
+        p = task.params
+        accepted = 0
+        for i in range(len(drafts) + 1):
+            n_past = n_base + 1 + i
+            history = held[max(0, n_past - p.repeat_last_n):n_past]
+            if p.temperature <= 0 or i == len(drafts):
+                choice = gen.sampler.sample(rows[i], history)
+            else:
+                choice = _accept_sampled(gen.sampler.rng, gen.sampler.distribution(rows[i], history), dists[i],
+                                         drafts[i])
+            if self._emit(slot, task, gen.accept(choice, n_past)) or i == len(drafts) or choice != drafts[i]:
+                break
+            accepted += 1
+        model.truncate(n_base + 1 + accepted, seq=seq)    # t and the accepted drafts stay
+        self.counters["draft_accepted"] += accepted
+        task._policy.record(len(drafts), accepted, step_s, draft_s)
+
+    def _emit(self, slot: Slot, task: Task, chunk: GenerationChunk) -> bool:
+        """Hands a generated token to the request; True when that ended it (the slot is free)."""
         task.generated.append(chunk.token)
         if task.first_token is None:
             task.first_token = time.monotonic()
@@ -331,6 +400,13 @@ class Scheduler:
         if chunk.finish_reason:
             self.counters["served"] += 1
             self._release(slot, "done", None)
+            return True
+        return False
+
+    def _sample(self, slot: Slot, task: Task, logits) -> None:
+        held = self.model._seqs[slot.seq]
+        chunk: GenerationChunk = task._gen.next(logits, held, len(held))
+        if self._emit(slot, task, chunk):
             return
         after = task.force_after
         if task.forced and after and task.generated[-len(after):] == after:
