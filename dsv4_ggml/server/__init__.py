@@ -1,14 +1,21 @@
 """An OpenAI- and Anthropic-compatible HTTP server (starlette + uvicorn) for one DeepSeek-V4 model.
 
-    python -m dsv4_ggml.server -m model.gguf --port 8080 [--api-key KEY] [-np 4]
+    python -m dsv4_ggml.server -m model.gguf --port 8080 [--api-key KEY] [-np 4] [--draft mtp]
     dsv4-ggml serve -m model.gguf ...                       (the same options)
+
+`--draft mtp [--n-draft K]`: speculative decoding in every slot with the file's MTP block (the
+model opened with mtp=True): a decoding slot's token and its drafts join the shared batched step,
+the slot keeps the agreeing prefix (greedy: its own choices; sampling: speculative sampling) and
+rolls back the rest; K adapts per request unless `--no-adaptive-draft`. `/metrics` counts the
+drafts proposed and accepted.
 
 Endpoints (each also without the `/v1` prefix, like llama.cpp's server):
 
 - `GET /health`: `{"status": "ok", "busy", "slots_busy", "n_parallel", "queued", "served",
   "cancelled"}`; never needs the API key and answers while requests generate.
 - `GET /metrics`: Prometheus text (requests, prompt tokens evaluated and cached, cache hits,
-  tokens generated, tokens/s, queue depth, slots busy); no key needed. `GET /slots`: each slot's
+  tokens generated, drafts proposed and accepted, tokens/s, queue depth, slots busy); no key
+  needed. `GET /slots`: each slot's
   tokens held and its running request. `POST /tokenize` `{"content", "add_special"}` ->
   `{"tokens"}`, `POST /detokenize` `{"tokens"}` -> `{"content"}` (llama.cpp's shapes).
 - `GET /v1/models`, `GET /v1/models/{id}`: the OpenAI list / model shape.
