@@ -62,6 +62,13 @@ def test_cli_tiny_then_inspect(tmp_path):
     r = run("inspect", str(out), "--tensors")
     assert r.returncode == 0, r.stderr
     assert "6 layers" in r.stdout and "blk.1.indexer.attn_q_b.weight" in r.stdout
+    assert "MTP block" not in r.stdout
+    # a file with the MTP block: inspect says where it is and that only MTP use reads it
+    mtp = tmp_path / "mtp.gguf"
+    assert run("tiny", str(mtp), "--n-mtp-layers", "1").returncode == 0
+    r = run("inspect", str(mtp))
+    assert r.returncode == 0, r.stderr
+    assert "6 layers + MTP" in r.stdout and "MTP block: blk.6, " in r.stdout and "--draft mtp" in r.stdout
 
 
 def test_cli_reports_a_bad_file_without_a_traceback(tmp_path):

@@ -39,6 +39,10 @@ def run(args) -> int:
         by_type[t.type] = by_type.get(t.type, 0) + t.nbytes
     print(f"tensors: {len(tensors)}, {_human(total)} "
           + "(" + ", ".join(f"{k} {_human(v)}" for k, v in sorted(by_type.items())) + ")")
+    if hp["n_nextn"]:   # the MTP block (spec §3.10): blk.{n_layer}, optional, read only when used
+        mtp = [t for t in tensors if t.name.startswith(f"blk.{hp['n_layer']}.")]
+        print(f"MTP block: blk.{hp['n_layer']}, {len(mtp)} tensors ({_human(sum(t.nbytes for t in mtp))}); "
+              f"used only with Model(mtp=True) / --draft mtp (no step computes with it otherwise)")
     for n_ctx in args.ctx:
         if n_ctx > hp["n_ctx_train"]:
             print(f"n_ctx {n_ctx}: exceeds the model's context length {hp['n_ctx_train']}")
