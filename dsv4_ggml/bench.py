@@ -114,8 +114,10 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | N
               log=sys.stderr, **model_kwargs) -> dict:
     max_depth = max(depths) if depths else 0
     n_ctx = max(n_prompt, max_depth + n_gen) + 8
+    t_load = time.perf_counter()
     m = Model(path, n_ctx=n_ctx, n_threads=threads, cache_type=cache_type, n_ubatch=n_ubatch, prefetch=True,
               flash_attn=flash_attn, **model_kwargs)
+    load = {"seconds": time.perf_counter() - t_load, "rss_bytes": rss_bytes()}
     rng = np.random.default_rng(0)
     vocab = m.n_vocab
     results: list[BenchResult] = []
@@ -171,6 +173,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | N
         "compute_bytes_by_depth": compute_bytes,
         "decode_weight_bytes": decode_bytes_per_token(m),
         "results": [dict(asdict(r), mean=r.mean, std=r.std) for r in results],
+        "load": load,
     }
     if bandwidth_gbs:
         floor = bandwidth_gbs * 1e9 / out["decode_weight_bytes"]["total"]
@@ -241,8 +244,24 @@ def print_seqs_report(out: dict, stream=sys.stdout) -> None:
         print(line, file=stream)
 
 
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def print_report(out: dict, stream=sys.stdout) -> None:
     print(f"model: {out['model']}  threads: {out['threads']}  cache: {out['cache_type']}", file=stream)
+    load = out["load"]
+    rss = "" if load["rss_bytes"] is None else f", RSS after load {load['rss_bytes'] / 2**20:.1f} MiB"
+    print(f"load: {load['seconds']:.2f} s{rss} (weights mapped; bench prefetches: every page read at load, "
+          f"and the CPU copies made)", file=stream)
     print(f"| test | depth | t/s |", file=stream)
     print(f"|---|---|---|", file=stream)
     for r in out["results"]:

@@ -69,6 +69,17 @@ def test_cli_tiny_then_inspect(tmp_path):
     r = run("inspect", str(mtp))
     assert r.returncode == 0, r.stderr
     assert "6 layers + MTP" in r.stdout and "MTP block: blk.6, " in r.stdout and "--draft mtp" in r.stdout
+    assert "opened in " in r.stdout and "weights mapped, not read" in r.stdout
+
+
+def test_cli_bench_reports_load_time_and_rss(tmp_path):
+    out = tmp_path / "m.gguf"
+    assert run("tiny", str(out)).returncode == 0
+    r = run("bench", "-m", str(out), "-p", "8", "-n", "4", "-r", "1", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    load = next(line for line in r.stdout.splitlines() if line.startswith("load: "))
+    seconds, rss = float(load.split()[1]), float(load.split("RSS after load ")[1].split()[0])
+    assert 0 < seconds < 60 and rss > 0
 
 
 def test_cli_reports_a_bad_file_without_a_traceback(tmp_path):

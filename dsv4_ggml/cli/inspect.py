@@ -18,7 +18,13 @@ def add_arguments(i) -> None:
 def run(args) -> int:
     from ..model import Model
 
+    import time
+
+    from ..bench import rss_bytes
+
+    t0 = time.perf_counter()
     m = Model(args.model, n_ctx=1, repack=False)  # describes the file: no copies of its weights
+    opened, rss = time.perf_counter() - t0, rss_bytes()
     hp = m.hparams
     print(f"{args.model}: DeepSeek-V4 (deepseek4), {hp['n_layer']} layers"
           f"{' + MTP' if hp['n_nextn'] else ''}, vocab {m.n_vocab}")
@@ -54,6 +60,9 @@ def run(args) -> int:
               f"{_human(state)} for {args.seqs} sequence{'s' if args.seqs > 1 else ''} ({_human(slot)} per "
               f"sequence slot, {slot / n_ctx:.0f} bytes/token incl. fixed windows and rollback rings) + "
               f"compute buffer")
+    print(f"opened in {opened:.2f} s" + ("" if rss is None else f", RSS {rss / 2**20:.1f} MiB") +
+          " (weights mapped, not read: the first evaluation reads the pages it needs; a session with "
+          "repack copies what it repacks at load, Model(prefetch=True) reads every page at load)")
     if args.tensors:
         nw = max(len(t.name) for t in tensors)
         for t in tensors:
