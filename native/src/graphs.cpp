@@ -205,6 +205,16 @@ std::unique_ptr<CachedGraph> build_graph(dsv4_session & s, const GraphKey & key)
     return g;
 }
 
+// Drops the session's pointers to g (about to be freed).
+void forget(dsv4_session & s, const CachedGraph * g) {
+    if (s.allocated == g) {
+        s.allocated = nullptr;
+    }
+    if (s.current == g) {
+        s.current = nullptr;
+    }
+}
+
 }  // namespace
 
 // The cached graph for `key`, built (evicting the least recently used) when there is none, and
@@ -221,9 +231,7 @@ CachedGraph & graph_for(dsv4_session & s, const GraphKey & key) {
         if (s.graphs.size() >= kMaxCachedGraphs) {
             auto lru = std::min_element(s.graphs.begin(), s.graphs.end(),
                                         [](const auto & a, const auto & b) { return a->last_use < b->last_use; });
-            if (s.allocated == lru->get()) {
-                s.allocated = nullptr;
-            }
+            forget(s, lru->get());
             s.graphs.erase(lru);
 #if defined(__GLIBC__)
             // give the evicted graph's metadata back to the system: glibc keeps freed blocks of
@@ -235,7 +243,15 @@ CachedGraph & graph_for(dsv4_session & s, const GraphKey & key) {
         s.graphs.push_back(build_graph(s, key));
         found = s.graphs.back().get();
     }
-    allocate(s, *found);
+    try {
+        allocate(s, *found);
+    } catch (...) {
+        // a graph that could not be placed (out of memory) may hold half-assigned addresses: it
+        // goes, and the next step builds it again
+        forget(s, found);
+        s.graphs.erase(std::find_if(s.graphs.begin(), s.graphs.end(), [&](const auto & g) { return g.get() == found; }));
+        throw;
+    }
     found->last_use = ++s.use_clock;
     return *found;
 }
