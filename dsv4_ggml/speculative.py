@@ -35,11 +35,12 @@ MAX_DRAFT = 8
 
 
 class ModelDrafter:
-    """Drafts with another model (sequence 0 of it), greedily or by sampling with `params`."""
+    """Drafts with another model (its sequence `seq`), greedily or by sampling with `params`."""
 
-    def __init__(self, model, params: SamplingParams | None = None, seed: int | None = None):
+    def __init__(self, model, params: SamplingParams | None = None, seed: int | None = None, seq: int = 0):
         self.model = model
         self.params = params
+        self.seq = seq
         self.sampler = Sampler(params if params is not None else SamplingParams(temperature=0.0, seed=seed))
 
     def check_compatible(self, target) -> None:
@@ -56,15 +57,15 @@ class ModelDrafter:
         k = min(k, m.n_ctx - 1 - len(context))
         if k <= 0:
             return [], []
-        logits = m._feed(list(context))
+        logits = m._feed(list(context), seq=self.seq)
         drafts, dists = [], []
         for i in range(k):
-            ids, probs = self.sampler.distribution(logits, m._tokens)
+            ids, probs = self.sampler.distribution(logits, m._seqs[self.seq])
             t = int(ids[rng.choice(len(ids), p=probs)]) if len(ids) > 1 else int(ids[0])
             drafts.append(t)
             dists.append((ids, probs))
             if i + 1 < k:
-                logits = m.eval([t], logits="last")[0]
+                logits = m.eval([t], seq=self.seq, logits="last")[0]
         return drafts, dists
 
 

@@ -549,7 +549,8 @@ def test_disk_prompt_cache_survives_restarts(tiny_model, tmp_path):
 def test_draft_mtp_server_gives_the_plain_greedy_tokens(tmp_path_factory):
     """`serve --draft mtp`: every slot drafts with the MTP block and verifies in the batched step;
     8 concurrent greedy requests (K fixed at 3, so every step drafts) get the token ids a server
-    without drafts gives, and seeded sampling still reproduces its stream."""
+    without drafts gives, and seeded sampling still reproduces its stream. The same with
+    `--draft-model` (the file itself: drafts accepted, the full-accept path)."""
     from dsv4_ggml.tiny import write_tiny_model
 
     path = tmp_path_factory.mktemp("draft-server") / "tiny-mtp.gguf"
@@ -558,7 +559,10 @@ def test_draft_mtp_server_gives_the_plain_greedy_tokens(tmp_path_factory):
             for i in range(8)]
     sampled = {"prompt": "Seeded", "max_tokens": 24, "temperature": 1.0, "seed": 5}
     answers = {}
-    for label, extra in (("plain", ()), ("draft", ("--draft", "mtp", "--n-draft", "3", "--no-adaptive-draft"))):
+    configs = (("plain", ()), ("draft", ("--draft", "mtp", "--n-draft", "3", "--no-adaptive-draft")),
+               # the file as its own draft model: every draft right, the full-accept path
+               ("own", ("--draft-model", str(path), "--n-draft", "2", "--no-adaptive-draft")))
+    for label, extra in configs:
         proc, base = _start_server(path, "--api-key", KEY, "--alias", MODEL_ID, "-np", "4", *extra)
         try:
             with ThreadPoolExecutor(len(jobs)) as pool:
@@ -569,9 +573,15 @@ def test_draft_mtp_server_gives_the_plain_greedy_tokens(tmp_path_factory):
                 accepted = _metric(base, "dsv4_draft_tokens_accepted_total")
                 print(f"--draft mtp: {accepted:.0f} of {proposed:.0f} drafts accepted")
                 assert proposed > 100 and accepted < proposed
+            if label == "own":
+                proposed = _metric(base, "dsv4_draft_tokens_proposed_total")
+                accepted = _metric(base, "dsv4_draft_tokens_accepted_total")
+                print(f"--draft-model (own file): {accepted:.0f} of {proposed:.0f} drafts accepted")
+                assert proposed > 100 and accepted > 0.9 * proposed
         finally:
             _stop(proc)
     assert answers["draft"] == answers["plain"]
+    assert answers["own"] == answers["plain"]
     assert all(len(a) == 40 for a in answers["plain"])
     seeded = answers["draft-seeded"]
     assert seeded[0] == seeded[1] and len(seeded[0]) == 24

@@ -6,8 +6,9 @@
 `--draft mtp [--n-draft K]`: speculative decoding in every slot with the file's MTP block (the
 model opened with mtp=True): a decoding slot's token and its drafts join the shared batched step,
 the slot keeps the agreeing prefix (greedy: its own choices; sampling: speculative sampling) and
-rolls back the rest; K adapts per request unless `--no-adaptive-draft`. `/metrics` counts the
-drafts proposed and accepted.
+rolls back the rest; K adapts per request unless `--no-adaptive-draft`. `--draft-model
+DRAFT.gguf` drafts with a smaller model of the same vocabulary instead (one of its sequence slots
+per server slot). `/metrics` counts the drafts proposed and accepted.
 
 Endpoints (each also without the `/v1` prefix, like llama.cpp's server):
 

@@ -113,7 +113,7 @@ def _openai_routes(ctx: Context) -> list[tuple[str, Callable, str]]:
 def build_app(model, model_id: str | None = None, api_key: str | list[str] | None = None,
               default_max_tokens: int | None = None, cors_origins: list[str] | None = None,
               max_queue: int = 64, cache_dir: str | None = None, cache_bytes: int = 8 << 30,
-              draft: str | None = None, n_draft: int = 2, adaptive_draft: bool = True) -> Starlette:
+              draft=None, n_draft: int = 2, adaptive_draft: bool = True) -> Starlette:
     """The ASGI app serving `model` (a `dsv4_ggml.Model`; its `n_seq` sequences are the parallel
     slots) under the id `model_id` (default: the file name without extension). `api_key`: one
     key or a list (None: no check); `default_max_tokens`: the cap of requests that give none;
@@ -121,7 +121,8 @@ def build_app(model, model_id: str | None = None, api_key: str | list[str] | Non
     may wait for a slot (beyond: HTTP 503 with Retry-After); `cache_dir`: keep slot states on disk
     (at most `cache_bytes`) so the prompt cache survives restarts; `draft="mtp"`: speculative
     decoding with the model's MTP block (opened with mtp=True), up to `n_draft` drafts per slot
-    and step, K adapting unless `adaptive_draft=False`."""
+    and step, K adapting unless `adaptive_draft=False`; or `draft` a draft `Model` with at least
+    as many sequence slots."""
     from .anthropic_api import anthropic_routes
     from .operations import operation_routes
 

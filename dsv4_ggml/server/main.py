@@ -35,14 +35,15 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
           log_level: str = "info", n_gpu_layers: int | None = None, experts_on_host: bool = False,
           repack: bool | str = True, parallel: int | str = "auto", max_queue: int = 64,
           cache_dir: str | None = None, cache_mib: int = 8192, draft: str | None = None, n_draft: int = 2,
-          adaptive_draft: bool = True) -> None:
+          adaptive_draft: bool = True, draft_model: str | None = None) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C / SIGTERM). `model_path` None:
     the embedded tiny random model (a demo). `parallel`: sequence slots that generate at once
     (continuous batching); "auto": 4 when their state fits in half the free memory, else 1.
     `max_queue`: requests that may wait for a slot. `cache_dir`: slot states saved there (at most
     `cache_mib` MiB, least recently used first out) and restored on a prefix hit, across restarts.
     `draft="mtp"`: speculative decoding with the file's MTP block in every slot (`n_draft` drafts
-    at most, K adapting unless `adaptive_draft=False`)."""
+    at most, K adapting unless `adaptive_draft=False`); `draft_model`: the same with a smaller
+    DeepSeek-V4 GGUF of the same vocabulary (opened with one sequence slot per server slot)."""
     _require_deps()
     import uvicorn
 
@@ -58,6 +59,11 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
                       cache_type=cache_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
                       experts_on_host=experts_on_host, repack=repack, n_seq=parallel, mtp=draft == "mtp")
         _ = (model.tokenizer, model.chat_template)     # build both now, not in the first request
+        if draft_model is not None:
+            if draft is not None:
+                raise SystemExit("dsv4-ggml serve: --draft mtp and --draft-model exclude each other")
+            draft = Model(draft_model, n_ctx=n_ctx, n_threads=n_threads, backend=backend, n_ubatch=n_ubatch,
+                          cache_type=cache_type, flash_attn=flash_attn, repack=repack, n_seq=model.n_seq)
     finally:
         if temporary:     # loaded (mapped) already; uvicorn ends a SIGTERM by the signal, so no atexit
             import shutil
@@ -68,7 +74,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
     slot_mib = model.estimate_state_bytes(n_ctx, per_slot=True) / 2**20
     print(f"serving {app.state.model_id!r} (n_ctx {n_ctx}, {backend}, {model.n_seq} parallel slot"
           f"{'s' if model.n_seq > 1 else ''} of {slot_mib:.1f} MiB{' (auto)' if parallel == 'auto' else ''}, "
-          f"queue {max_queue}{f', MTP drafts up to {n_draft}' if draft else ''}) on http://{host}:{port}/v1"
+          f"queue {max_queue}{_draft_words(draft, n_draft)}) on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
     scheduler = app.state.scheduler
 
@@ -84,6 +90,8 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
         scheduler.shutdown()
         scheduler.join()           # the engine thread is out of the model before it closes
         model.close()
+        if draft is not None and draft != "mtp":
+            draft.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MiB the --cache-dir may hold; least recently used states go first (default 8192)")
     parser.add_argument("--draft", choices=("mtp",), default=None,
                         help="speculative decoding with the file's MTP block (spec §3.10) in every slot")
-    parser.add_argument("--n-draft", type=int, default=2, help="most drafts per slot and step with --draft (default 2)")
+    parser.add_argument("--draft-model", default=None, metavar="DRAFT.gguf",
+                        help="speculative decoding with a smaller DeepSeek-V4 GGUF of the same vocabulary")
+    parser.add_argument("--n-draft", type=int, default=2,
+                        help="most drafts per slot and step with --draft / --draft-model (default 2)")
     parser.add_argument("--no-adaptive-draft", action="store_true",
                         help="always draft --n-draft tokens (default: K adapts to measured costs and acceptance)")
     parser.add_argument("-b", "--ubatch", type=int, default=512, help="micro-batch size (default 512)")
@@ -134,6 +145,12 @@ def _parallel(text: str) -> int | str:
     return n
 
 
+def _draft_words(draft, n_draft: int) -> str:
+    if draft is None:
+        return ""
+    return f", {'MTP' if draft == 'mtp' else 'draft-model'} drafts up to {n_draft}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs `serve` with the options of `add_arguments` (for `dsv4-ggml serve`); returns the exit code."""
     try:
@@ -147,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
           flash_attn=not args.no_flash_attn, default_max_tokens=args.n_predict, cors_origins=args.cors_origin,
           log_level=args.log_level, parallel=args.parallel, max_queue=args.queue_size,
           cache_dir=args.cache_dir, cache_mib=args.cache_size, draft=args.draft, n_draft=args.n_draft,
-          adaptive_draft=not args.no_adaptive_draft, **backend_kwargs(args))
+          adaptive_draft=not args.no_adaptive_draft, draft_model=args.draft_model, **backend_kwargs(args))
     return 0
 
 

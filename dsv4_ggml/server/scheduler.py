@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ContextOverflowError, InvalidArgumentError, StateError
 from ..generation import GenerationChunk, TokenGenerator, check_prompt_fits
 from ..sampling import SamplingParams
-from ..speculative import MAX_DRAFT, AdaptiveK, MtpDrafter, _accept_sampled
+from ..speculative import MAX_DRAFT, AdaptiveK, ModelDrafter, MtpDrafter, _accept_sampled
 
 log = logging.getLogger("uvicorn.error")
 
@@ -101,8 +101,12 @@ class Scheduler:
 
     def __init__(self, model, max_queue: int = 64, n_batch: int | None = None, disk_cache=None,
                  draft: str | None = None, n_draft: int = 2, adaptive_draft: bool = True):
-        if draft not in (None, "mtp"):
-            raise InvalidArgumentError(f"the server drafts with 'mtp' (the model's MTP block) or not at all, got {draft!r}")
+        if draft is not None and draft != "mtp" and not hasattr(draft, "_feed"):
+            raise InvalidArgumentError(f"the server drafts with 'mtp' (the model's MTP block), a draft Model or not "
+                                       f"at all, got {draft!r}")
+        if draft is not None and draft != "mtp" and int(draft.n_seq) < int(model.n_seq):
+            raise InvalidArgumentError(f"the draft model has {draft.n_seq} sequence slots; the server needs one per "
+                                       f"slot ({model.n_seq})")
         if draft == "mtp" and not getattr(model, "mtp", False):
             raise InvalidArgumentError("--draft mtp needs the model opened with mtp=True (and a file with an MTP block)")
         if not 1 <= n_draft <= MAX_DRAFT:
@@ -270,8 +274,9 @@ class Scheduler:
             model.truncate(keep, seq=seq)
             recomputed = model.stats()["n_reevaluated"] - before
         slot.task, task.seq = task, seq
-        if self.draft == "mtp":
-            task._drafter = MtpDrafter(task.params, seq)
+        if self.draft is not None:     # the slot's drafter: the MTP block, or the draft model's slot `seq`
+            task._drafter = (MtpDrafter(task.params, seq) if self.draft == "mtp"
+                             else ModelDrafter(self.draft, task.params, seq=seq))
             task._drafter.check_compatible(model)
             task._policy = AdaptiveK(self.n_draft, self.adaptive_draft)
         task.started = time.monotonic()
