@@ -591,3 +591,45 @@ def test_draft_needs_an_mtp_block(tiny_model):
     proc = subprocess.run([sys.executable, "-m", "dsv4_ggml.server", "-m", str(tiny_model), "--draft", "mtp",
                            "--port", str(_free_port())], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "MTP" in (proc.stderr + proc.stdout)
+
+
+def test_a_failing_drafter_leaves_the_request_to_plain_decoding(tiny_model, monkeypatch):
+    """In-process scheduler with a draft model whose drafting raises: the request still completes
+    with the plain greedy tokens, and the engine thread keeps serving."""
+    import threading
+
+    import dsv4_ggml
+    from dsv4_ggml import speculative
+    from dsv4_ggml.sampling import SamplingParams
+    from dsv4_ggml.server.scheduler import Scheduler, Task
+
+    model = dsv4_ggml.Model(tiny_model, n_ctx=256, n_seq=2)
+    draft = dsv4_ggml.Model(tiny_model, n_ctx=256, n_seq=2)
+    prompt = model.tokenize("Drafting fails")
+    want = [c.token for c in model.generate(prompt, max_tokens=12, temperature=0)]
+    model.reset()
+
+    def broken(self, context, k, rng=None):
+        raise RuntimeError("the draft model broke")
+
+    monkeypatch.setattr(speculative.ModelDrafter, "propose", broken)
+    sched = Scheduler(model, draft=draft, n_draft=2, adaptive_draft=False)
+    try:
+        for _ in range(2):                  # the second request shows the engine thread is alive
+            done, got = threading.Event(), []
+
+            def emit(kind, value, got=got, done=done):
+                if kind == "token":
+                    got.append(value.token)
+                elif kind in ("done", "error", "cancelled"):
+                    got.append(kind)
+                    done.set()
+
+            sched.submit(Task(list(prompt), 12, SamplingParams(temperature=0.0), (), emit))
+            assert done.wait(60)
+            assert got == want + ["done"]
+    finally:
+        sched.shutdown()
+        sched.join()
+        model.close()
+        draft.close()

@@ -65,7 +65,7 @@ class Task:
     _gen: TokenGenerator | None = None
     _pending: list[int] = field(default_factory=list)   # prompt (or forced) tokens not evaluated yet
     _save_at: int | None = None        # --cache-dir: save the slot's state when it holds this many tokens
-    _drafter: Any = None               # --draft: the slot's MtpDrafter and AdaptiveK
+    _drafter: Any = None               # --draft / --draft-model: the slot's drafter and its AdaptiveK
     _policy: Any = None
     _drafted: tuple = ()               # this step's (drafts, their distributions, drafting seconds)
 
@@ -111,6 +111,8 @@ class Scheduler:
             raise InvalidArgumentError("--draft mtp needs the model opened with mtp=True (and a file with an MTP block)")
         if not 1 <= n_draft <= MAX_DRAFT:
             raise InvalidArgumentError(f"n_draft must be in 1..{MAX_DRAFT}, got {n_draft}")
+        if draft is not None and draft != "mtp":
+            ModelDrafter(draft).check_compatible(model)     # the vocabulary, now rather than per request
         self.draft, self.n_draft, self.adaptive_draft = draft, n_draft, adaptive_draft
         self.model = model
         self.disk_cache = disk_cache           # a DiskCache (--cache-dir) or None
@@ -344,7 +346,10 @@ class Scheduler:
             else:
                 self.counters["generated_tokens_evaluated"] += len(batch[s.seq])
             if task._drafted:
-                self._verify(s, task, out[s.seq], time.perf_counter() - t_step)
+                try:
+                    self._verify(s, task, out[s.seq], time.perf_counter() - t_step)
+                except Exception as e:  # noqa: BLE001 - the rollback failed: this request ends, the others go on
+                    self._fail(s, task, e)
             else:
                 if task._policy is not None and s.seq in decoding:   # a plain decode step: its cost
                     task._policy.record(0, 0, time.perf_counter() - t_step, 0.0)
@@ -363,7 +368,12 @@ class Scheduler:
         if not k:
             return []
         t0 = time.perf_counter()
-        drafts, dists = task._drafter.propose(held + [t], k, task._gen.sampler.rng)
+        try:
+            drafts, dists = task._drafter.propose(held + [t], k, task._gen.sampler.rng)
+        except Exception as e:  # noqa: BLE001 - drafts only speed a request up: it goes on without them
+            log.warning("drafting failed for the request in slot %d, which goes on without drafts: %s", slot.seq, e)
+            task._policy = None
+            return []
         task._drafted = (drafts, dists, time.perf_counter() - t0)
         self.counters["draft_proposed"] += len(drafts)
         return list(drafts)
