@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .cli_options import backend_kwargs
+from .memory import rss_bytes
 from .model import CACHE_TYPES, Model
 
 ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
@@ -242,18 +243,6 @@ def print_seqs_report(out: dict, stream=sys.stdout) -> None:
         if floor:
             line += f" {r['floor_tokens_per_s']:.1f} | {r['floor_fraction']:.0%} |"
         print(line, file=stream)
-
-
-def rss_bytes() -> int | None:
-    """This process's resident memory (Linux /proc; None elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def print_report(out: dict, stream=sys.stdout) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError, OutOfMemoryError
+from .memory import available_memory_bytes
 from .sampling import SamplingParams
 
 BACKENDS = {"cpu": 0, "cuda": 1}
@@ -59,18 +60,6 @@ _SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")   # a part of a split GGUF (gguf
 def _model_name(path: str) -> str:
     """The file's name without .gguf, and without the part number of a split model."""
     return _SPLIT_SUFFIX.sub("", os.path.splitext(os.path.basename(path))[0])
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 class Model:
@@ -257,7 +246,7 @@ class Model:
         if not isinstance(batch, dict) or not batch:
             raise InvalidArgumentError("eval_batch needs a non-empty dict {seq: tokens}")
         modes = logits if isinstance(logits, dict) else {seq: logits for seq in batch}
-        for mode in list(modes.values()) + ([] if isinstance(logits, dict) else [logits]):
+        for mode in modes.values():
             if mode not in ("all", "last"):
                 raise InvalidArgumentError(f"logits must be 'all' or 'last' (or a dict of them by sequence), "
                                            f"got {mode!r}")

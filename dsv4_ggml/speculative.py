@@ -192,6 +192,28 @@ def _accept_sampled(rng: np.random.Generator, p: tuple[np.ndarray, np.ndarray], 
     return int(ids[rng.choice(len(ids), p=r / r.sum())])
 
 
+def verify(gen: TokenGenerator, rows, drafts: list[int], dists: list, held: Sequence[int], n_base: int
+           ) -> Iterator[tuple[GenerationChunk, bool]]:
+    """The accept step after a verify step that evaluated [t, drafts...] at positions n_base.. (rows:
+    their logits; held: the tokens the sequence holds, drafts included): each chunk to hand on,
+    and whether its draft was accepted (the last chunk's is not). Greedy, a draft is accepted
+    when it equals the sampler's choice; sampling, with min(1, p/q), else the residual is
+    sampled; after the accepted drafts comes the model's own next token."""
+    p = gen.sampler.params
+    for i in range(len(drafts) + 1):
+        n_past = n_base + 1 + i
+        history = held[max(0, n_past - p.repeat_last_n):n_past]   # all the sampler reads
+        if p.temperature <= 0 or i == len(drafts):
+            choice = gen.sampler.sample(rows[i], history)
+        else:
+            choice = _accept_sampled(gen.sampler.rng, gen.sampler.distribution(rows[i], history), dists[i], drafts[i])
+        chunk = gen.accept(choice, n_past)
+        accepted = i < len(drafts) and choice == drafts[i] and not chunk.finish_reason
+        yield chunk, accepted
+        if not accepted:
+            return
+
+
 def speculative_stream(model, tokens: Sequence[int], max_tokens: int, params: SamplingParams, stop,
                        drafter, n_draft: int = 2, adaptive: bool = True, stats: dict | None = None
                        ) -> Iterator[GenerationChunk]:
@@ -202,8 +224,7 @@ def speculative_stream(model, tokens: Sequence[int], max_tokens: int, params: Sa
     gen = TokenGenerator(model.tokenizer, model.n_ctx, max_tokens, params, stop)
     check_prompt_fits(len(tokens), model.n_ctx)
     policy = AdaptiveK(n_draft, adaptive)
-    greedy = params.temperature <= 0
-    sampler, rng = gen.sampler, gen.sampler.rng
+    rng = gen.sampler.rng
     held = model._tokens
     chunk = gen.next(model._feed(list(tokens)), held, len(held))
     yield chunk
@@ -218,18 +239,9 @@ def speculative_stream(model, tokens: Sequence[int], max_tokens: int, params: Sa
         rows = model.eval([t] + drafts, logits="all")
         t2 = time.perf_counter()
         accepted = 0
-        for i in range(len(drafts) + 1):
-            n_past = n_base + 1 + i
-            history = held[max(0, n_past - params.repeat_last_n):n_past]   # all the sampler reads
-            if greedy or i == len(drafts):
-                choice = sampler.sample(rows[i], history)
-            else:
-                choice = _accept_sampled(rng, sampler.distribution(rows[i], history), dists[i], drafts[i])
-            chunk = gen.accept(choice, n_past)
+        for chunk, ok in verify(gen, rows, drafts, dists, held, n_base):
             yield chunk
-            if chunk.finish_reason or i == len(drafts) or choice != drafts[i]:
-                break
-            accepted += 1
+            accepted += ok
         model.truncate(n_base + 1 + accepted)     # keep t and the accepted drafts
         policy.record(len(drafts), accepted, t2 - t1, t1 - t0)
     if stats is not None:

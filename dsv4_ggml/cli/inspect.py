@@ -20,7 +20,7 @@ def run(args) -> int:
 
     import time
 
-    from ..bench import rss_bytes
+    from ..memory import rss_bytes
 
     t0 = time.perf_counter()
     m = Model(args.model, n_ctx=1, repack=False)  # describes the file: no copies of its weights

@@ -44,7 +44,7 @@ from .config import read_config
 from .encode import EXPERT_TYPES, OUTTYPES
 from .formats import (FP4_BLOCK, FP4_E2M1_VALUES, FP8_BLOCK, FP8_E4M3_VALUES, bf16_to_f32, dequant_fp4, dequant_fp8,
                       e8m0_to_f32, fp4_to_mxfp4, fp8_e4m3_to_f32)
-from .memory import peak_rss_bytes, rss_bytes
+from ..memory import peak_rss_bytes, rss_bytes
 from .tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, read_tokenizer
 from .writer import convert
 

@@ -17,7 +17,7 @@ from ..tiny import ARCH
 from .checkpoint import Checkpoint
 from .config import read_config
 from .encode import EXPERT_TYPES, OUTTYPES
-from .memory import peak_rss_bytes, rss_bytes
+from ..memory import peak_rss_bytes, rss_bytes
 from .metadata import _write_metadata
 from .plan import _Planner
 from .tokenizer import read_tokenizer

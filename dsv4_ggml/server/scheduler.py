@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ContextOverflowError, InvalidArgumentError, StateError
 from ..generation import GenerationChunk, TokenGenerator, check_prompt_fits
 from ..sampling import SamplingParams
-from ..speculative import MAX_DRAFT, AdaptiveK, ModelDrafter, MtpDrafter, _accept_sampled
+from ..speculative import MAX_DRAFT, AdaptiveK, ModelDrafter, MtpDrafter, verify
 
 log = logging.getLogger("uvicorn.error")
 
@@ -379,28 +379,17 @@ class Scheduler:
         return list(drafts)
 
     def _verify(self, slot: Slot, task: Task, rows, step_s: float) -> None:
-        """Speculative decoding's accept step for a slot that ran [t, drafts...]: the longest prefix
-        of drafts the sampler agrees with (greedy: equal to its choice; sampling: accepted with
-        min(1, p/q), else resampled from the residual), then the model's own next token; the
-        rest of the drafts is rolled back (speculative.py does the same for one sequence)."""
+        """Speculative decoding's accept step for a slot that ran [t, drafts...] (speculative.verify,
+        as one sequence's stream does); the rejected drafts are rolled back."""
         drafts, dists, draft_s = task._drafted
         task._drafted = ()
-        model, seq, gen = self.model, slot.seq, task._gen
+        model, seq = self.model, slot.seq
         held = model._seqs[seq]
         n_base = len(held) - 1 - len(drafts)
-        p = task.params
         accepted = 0
-        for i in range(len(drafts) + 1):
-            n_past = n_base + 1 + i
-            history = held[max(0, n_past - p.repeat_last_n):n_past]
-            if p.temperature <= 0 or i == len(drafts):
-                choice = gen.sampler.sample(rows[i], history)
-            else:
-                choice = _accept_sampled(gen.sampler.rng, gen.sampler.distribution(rows[i], history), dists[i],
-                                         drafts[i])
-            if self._emit(slot, task, gen.accept(choice, n_past)) or i == len(drafts) or choice != drafts[i]:
-                break
-            accepted += 1
+        for chunk, ok in verify(task._gen, rows, drafts, dists, held, n_base):
+            self._emit(slot, task, chunk)
+            accepted += ok
         model.truncate(n_base + 1 + accepted, seq=seq)    # t and the accepted drafts stay
         self.counters["draft_accepted"] += accepted
         task._policy.record(len(drafts), accepted, step_s, draft_s)

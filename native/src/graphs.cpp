@@ -94,12 +94,9 @@ void allocate(dsv4_session & s, CachedGraph & g) {
         t->data = nullptr;
         t->buffer = nullptr;
     }
-    auto restore_srcs = [&g] {
-        for (size_t i = 0; i < g.node_srcs.size(); ++i) {
-            std::copy(g.node_srcs[i].begin(), g.node_srcs[i].end(), ggml_graph_node(g.graph, int(i))->src);
-        }
-    };
-    restore_srcs();
+    for (size_t i = 0; i < g.node_srcs.size(); ++i) {
+        std::copy(g.node_srcs[i].begin(), g.node_srcs[i].end(), ggml_graph_node(g.graph, int(i))->src);
+    }
     ggml_backend_sched_reset(s.sched.get());
     if (!ggml_backend_sched_alloc_graph(s.sched.get(), g.graph)) {
         fail(DSV4_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph (%lld tokens)", (long long) g.step->n_tokens);

@@ -1,4 +1,5 @@
-"""This process's memory (the converter's statistics)."""
+"""This process's memory and the machine's (from /proc where there is one): the converter's
+statistics, `bench` and `inspect`, the session slots `n_seq="auto"` can afford."""
 from __future__ import annotations
 
 import resource
@@ -27,3 +28,15 @@ def peak_rss_bytes() -> int:
 
 def rss_bytes() -> int | None:
     return _proc_status_bytes("VmRSS")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
