@@ -109,6 +109,39 @@ def test_every_cpu_weight_layout_within_bound(tmp_path, prompt, wtype):
     assert sum(used["auto"].values()) >= max(sum(used.get(k, {}).values()) for k in ("amx", "interleaved"))
 
 
+def test_amx_tile_kernel_with_one_k_block(tmp_path):
+    """ggml's AMX tile kernel for Q4_0/Q4_1/Q8_0 added the product of a single K block (K = 32) on
+    a full 32-row block to whatever its output held before, instead of storing it (fixed by patch
+    0008): on matrices with K = 32 (here the routed experts' down projection, expert_ff 32, and
+    attn_output_b, 2 groups x rank 16) the logits followed stale buffer contents, NaN included.
+    Every expert takes every token (64 rows: two full blocks); each layout within the Q8_0 bound
+    of the reference, and a repeated run gives the same bits."""
+    if TEST_BACKEND != "cpu":
+        pytest.skip(f"the CPU's AMX layout (this run is on {TEST_BACKEND})")
+    path = tmp_path / "k32.gguf"
+    write_tiny_model(path, seed=0, weight_type="q8_0", n_vocab=300, n_embd=64, n_layer=3,
+                     compress_ratios=[0, 4, 128], n_hash_layers=1, n_head=2, head_dim=64, n_rot=32,
+                     q_lora_rank=32, o_groups=2, o_lora_rank=16, indexer_n_head=4, indexer_head_dim=64,
+                     indexer_top_k=512, n_expert=4, n_expert_used=4, expert_ff=32, n_swa=8)
+    prompt = [(7 * i) % 300 for i in range(64)]
+    ref = Reference(path).eval(prompt)
+    for layout in ("none", "amx"):
+        try:
+            m = dsv4_ggml.Model(path, n_ctx=256, cache_type="f32", repack=layout)
+        except dsv4_ggml.BackendError as e:   # this CPU (or build) has no AMX
+            print(f"repack={layout}: {e}")
+            continue
+        with m:
+            assert layout == "none" or any(t.placement == "AMX" and t.shape[0] == 32 for t in m.tensors)
+            first = m.eval(prompt, logits="all")
+            m.reset()
+            again = m.eval(prompt, logits="all")
+        err = rel_err(first, ref)
+        print(f"repack={layout}: worst {err.max():.2e}")
+        assert err.max() < WEIGHT_BOUNDS["q8_0"][0]
+        np.testing.assert_array_equal(first, again)
+
+
 def test_repack_option_checked(tmp_path):
     path = tmp_path / "q8.gguf"
     write_tiny_model(path, seed=0, weight_type="q8_0")
