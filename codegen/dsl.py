@@ -412,6 +412,7 @@ class Model:
         self.derived: list[Derived] = []
         self.checks: list[Check] = []
         self.tensors: list[TensorDecl] = []
+        self.foreign: list[tuple[str, str]] = []   # (family, name pattern): tensors a file may carry, unused
         self._syms: dict[str, Sym] = {LAYER.name: LAYER}
         self.max_layers = 512
 
@@ -525,6 +526,18 @@ class Model:
         t = TensorDecl(field, name, shp, dtype, doc, layered, cond, required, v)
         self.tensors.append(t)
         return t
+
+    def foreign_family(self, family: str, names: Sequence[str]) -> None:
+        """Tensors of another model that files of this architecture are known to carry (e.g. a
+        draft head bundled by a converter): the loader accepts and ignores them, `inspect` names
+        the family. `{il}` in a name stands for a block number. Names must not collide with the
+        model's own tensors; any other unknown tensor stays an error."""
+        for name in names:
+            if any(t.name == name for t in self.tensors) or any(n == name for _, n in self.foreign):
+                raise DslError(f"foreign tensor '{name}' is declared already")
+            if name.replace("{il}", "").count("{") or not name:
+                raise DslError(f"foreign tensor pattern '{name}': only {{il}} may be a placeholder")
+            self.foreign.append((family, name))
 
     @property
     def global_tensors(self) -> list[TensorDecl]:

@@ -319,6 +319,7 @@ def render(model: Model, blocks: list | None = None) -> dict[str, str]:
         "layer_tensors": [tensor_stmt(t) for t in model.layer_tensors],
         "global_fields": [(t.field, t.doc) for t in model.global_tensors],
         "layer_fields": [(t.field, t.doc) for t in model.layer_tensors],
+        "foreign": [(c_string(fam), c_string(name)) for fam, name in model.foreign],
         **render_blocks(model, blocks),
     }
     env = _env()

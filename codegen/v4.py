@@ -231,6 +231,17 @@ T("nextn_embed_tokens", "blk.{il}.nextn.embed_tokens.weight", (n_embd, n_vocab),
 T("nextn_shared_head_head", "blk.{il}.nextn.shared_head_head.weight", (n_embd, n_vocab), W,
   "MTP LM head (absent in V4: output)", when=is_mtp, required=False)
 
+# Tensors of llama.cpp's DSpark/DFlash draft (its `dflash` arch: DeepseekV4DSparkModel's root
+# tensors and the DFlash2 conv/selector heads) that a converter may bundle into the target's file.
+# Nothing here computes with them; the file still loads (llama.cpp's deepseek4 loader refuses it).
+m.foreign_family("DSpark/DFlash draft head", [
+    "fc.weight", "fc.scale", "enc.output_norm.weight", "d2t",
+    "markov_w1.weight", "markov_w2.weight", "markov_w2.scale", "conf_proj.weight", "conf_proj.bias",
+    "selector_predecessor.weight", "selector_successor.weight", "selector_hidden.weight",
+    "blk.{il}.attn_conv_base.weight", "blk.{il}.attn_conv_proj.weight",
+    "blk.{il}.ffn_conv_base.weight", "blk.{il}.ffn_conv_proj.weight",
+])
+
 MODEL = m
 
 # =================================================================================================

@@ -40,12 +40,25 @@ def add_backend_arguments(p) -> None:
                         "every weight in place); default auto")
     p.add_argument("--no-repack", dest="repack", action="store_const", const="none",
                    help="same as --repack none")
+    p.add_argument("--copy-limit", type=size_argument, default=None, metavar="N[K|M|G|T]",
+                   help="CPU: the most weight bytes copied at load by --repack (decimal units, e.g. 64G); the "
+                        "weights beyond it are read in place from the file (default: half the physical memory)")
+
+
+def size_argument(text: str) -> int:
+    """An argparse type: a byte count with an optional decimal K/M/G/T suffix (dsv4_ggml.split.parse_size)."""
+    from .errors import InvalidArgumentError
+    from .split import parse_size
+    try:
+        return parse_size(text)
+    except InvalidArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def backend_kwargs(args) -> dict:
     """The Model keyword arguments of add_backend_arguments' options."""
     return dict(backend=args.backend, n_gpu_layers=args.n_gpu_layers, experts_on_host=args.experts_on_host,
-                repack=args.repack)
+                repack=args.repack, copy_limit=args.copy_limit)
 
 
 def run_parsed(parser: argparse.ArgumentParser, argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 """The high-level model API."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from .sampling import SamplingParams
 BACKENDS = {"cpu": 0, "cuda": 1}
 CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}   # ggml type ids
 REPACK = {"none": 0, "auto": 1, "interleaved": 2, "amx": 3}     # dsv4_repack; True = auto, False = none
+
+_log = logging.getLogger("dsv4_ggml")
 
 
 def _stops(stop) -> list[str]:
@@ -83,7 +86,9 @@ class Model:
     transparent huge pages where the kernel allows: faster prefill and decode, but the copies
     live in process memory); "amx" and "interleaved" use only
     that layout, False ("none") reads every weight from the mapped file in place (`tensors`
-    shows where each weight lives).
+    shows where each weight lives). All copies together stay within `copy_limit` bytes (None:
+    half the physical memory): the non-expert weights first, then the routed experts; the
+    weights beyond it are read in place, and `load_note` (also logged as a warning) says so.
 
     `mtp=True` also runs the file's MTP block (spec §3.10) over every token, with its own window
     per sequence: `eval(..., mtp=True)` returns its logits beside the trunk's (one more layer per
@@ -99,7 +104,7 @@ class Model:
                  flash_attn: bool = True, prefetch: bool = False, progress=None,
                  n_gpu_layers: int | None = None, experts_on_host: bool = False, repack: bool | str = True,
                  n_seq: int | str = 1, n_rollback: int = 32, checkpoint_interval: int = 1024, n_checkpoints: int = 8,
-                 mtp: bool = False):
+                 mtp: bool = False, copy_limit: int | None = None):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         auto_seq = n_seq == "auto"
@@ -140,6 +145,10 @@ class Model:
         if repack not in REPACK:
             raise InvalidArgumentError(f"repack must be True, False or one of {sorted(REPACK)}, got {repack!r}")
         params.repack = REPACK[repack]
+        if copy_limit is not None:
+            if isinstance(copy_limit, bool) or not isinstance(copy_limit, int) or not 1 <= copy_limit < 2**64:
+                raise InvalidArgumentError(f"copy_limit must be a positive number of bytes or None, got {copy_limit!r}")
+            params.copy_limit = copy_limit
         callback = None
         if progress is not None:
             if not callable(progress):
@@ -155,6 +164,12 @@ class Model:
         out = ffi.new("dsv4_model **")
         _native.check(lib.dsv4_model_open(os.fsencode(self.path), params, out))
         self._model = ffi.gc(out[0], lib.dsv4_model_free)
+
+        note = ffi.new("const char **")
+        _native.check(lib.dsv4_model_load_note(self._model, note))
+        self.load_note: str = ffi.string(note[0]).decode()
+        if self.load_note:
+            _log.warning("%s: %s", self.path, self.load_note)
 
         hp = ffi.new("dsv4_hparams *")
         _native.check(lib.dsv4_model_get_hparams(self._model, hp))
@@ -396,6 +411,14 @@ class Model:
         text, n = ffi.new("const char **"), ffi.new("size_t *")
         _native.check(self._lib.dsv4_model_meta_string(self._model, key.encode(), text, n))
         return None if text[0] == ffi.NULL else ffi.unpack(text[0], n[0]).decode("utf-8", "replace")
+
+    def metadata_array_length(self, key: str) -> int | None:
+        """The number of entries of an array metadata value of the GGUF, or None when absent
+        (or not an array)."""
+        self._require_open()
+        n = self._ffi.new("int64_t *")
+        _native.check(self._lib.dsv4_model_meta_array_length(self._model, key.encode(), n))
+        return None if n[0] < 0 else int(n[0])
 
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first when add_bos (default: the GGUF's add_bos_token).

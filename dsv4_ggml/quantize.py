@@ -29,7 +29,7 @@ def block_size(qtype: GGMLQuantizationType) -> int:
 
 def quantize(array: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """float32 `[..., n]` -> uint8 `[..., row_bytes]` in ggml type `qtype` (rows along the last
-    axis, n a multiple of the type's block size). IQ2_XXS/IQ2_XS/IQ1_S need an importance
+    axis, n a multiple of the type's block size). IQ2_XXS/IQ2_XS/IQ1_S (and IQ1_M) need an importance
     vector of n weights; None uses uniform importance."""
     ffi, lib = _native.load()
     x = np.ascontiguousarray(array, dtype=np.float32)
@@ -41,7 +41,7 @@ def quantize(array: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray
         raise InvalidArgumentError(f"{qtype.name} needs rows that are a multiple of {blck[0]} values, got {n}")
     row_bytes = n // blck[0] * nbytes[0]
     out = np.empty(x.shape[:-1] + (row_bytes,), dtype=np.uint8)
-    if imatrix is None and qtype.name in ("IQ2_XXS", "IQ2_XS", "IQ1_S"):
+    if imatrix is None and qtype.name in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
         imatrix = np.ones(n, dtype=np.float32)
     imat = ffi.NULL
     if imatrix is not None:

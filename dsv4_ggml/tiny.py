@@ -12,12 +12,20 @@ n_layer + 1 entries (the last, 0, is the MTP block's slot, like the real config'
 
 All tensors are F32 (`tid2eid` I32) unless `weight_type` / `expert_type` name a ggml type for the
 matrices llama-quantize would quantize (`QUANTIZED`); rows a type's blocks do not fit fall back to
-Q8_0, then F16, like llama-quantize.
+Q8_0, then F16, like llama-quantize. `recipe` mixes types per tensor like the community's
+"dynamic" quants: a dict of name patterns (fnmatch, first match wins) to types, or the name of
+one of `RECIPES`; a quantizable tensor no pattern matches takes weight_type / expert_type.
+
+Files people have also carry what the engine does not compute with: `dspark_rank > 0` bundles the
+DSpark draft head (llama.cpp's names, as its DeepSeek-V4 DSpark converter writes them), and
+`ratio_tail` appends entries to `compress_ratios` beyond the file's blocks (the -0731 release's
+46-entry array; readers use the first block_count entries).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fnmatch
 import math
 import numbers
 import os
@@ -36,8 +44,37 @@ ARCH = "deepseek4"
 # the ggml types a tiny model's matrices may have (the quantizable set of a llama.cpp conversion:
 # token_embd, output, attention projections, indexer q, routed and shared experts; HC, norms,
 # router, compressors and indexer.proj stay F32 like in the golden Q8_0 file)
-WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k",
-                "iq2_xxs", "iq4_nl", "mxfp4")
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
+                "q6_k", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs",
+                "mxfp4")
+
+# per-tensor mixes shaped like published DeepSeek-V4 GGUFs (routed experts at 1-4 bits, the shared
+# expert, attention, embedding and head higher): together they use every type of WEIGHT_TYPES
+RECIPES: dict[str, dict[str, str]] = {
+    "iq1_m": {"*.ffn_down_exps.weight": "iq2_xxs", "*_exps.weight": "iq1_m", "*_shexp.weight": "q4_k",
+              "*.attn_kv.weight": "q8_0", "blk.*": "q6_k", "token_embd.weight": "q4_k", "output.weight": "q6_k"},
+    "iq1_s": {"*.ffn_down_exps.weight": "iq2_xs", "*_exps.weight": "iq1_s", "*_shexp.weight": "q3_k",
+              "blk.*": "q5_k", "token_embd.weight": "q4_k", "output.weight": "q5_k"},
+    "iq2": {"*.ffn_down_exps.weight": "iq2_s", "*_exps.weight": "iq2_xxs", "*_shexp.weight": "iq4_xs",
+            "blk.*": "q4_k", "token_embd.weight": "iq4_nl", "output.weight": "q6_k"},
+    "iq3": {"*.ffn_down_exps.weight": "iq3_s", "*_exps.weight": "iq3_xxs", "*_shexp.weight": "q5_k",
+            "blk.*": "iq4_xs", "token_embd.weight": "q4_k", "output.weight": "q8_0"},
+    "k": {"*.ffn_down_exps.weight": "q3_k", "*_exps.weight": "q2_k", "*_shexp.weight": "q4_k",
+          "blk.*": "q5_k", "token_embd.weight": "q4_k", "output.weight": "q6_k"},
+    "mxfp4": {"*_exps.weight": "mxfp4", "*_shexp.weight": "q8_0", "blk.*": "bf16",
+              "token_embd.weight": "bf16", "output.weight": "f16"},
+    "legacy": {"*.ffn_down_exps.weight": "q5_1", "*_exps.weight": "q4_0", "*_shexp.weight": "q5_0",
+               "blk.*": "q4_1", "token_embd.weight": "q8_0", "output.weight": "f16"},
+}
+
+# llama.cpp's DSpark draft head (its `dflash` arch), bundled into a target file: name -> ne
+# (ggml order) from the config; the engine ignores these tensors (codegen/v4.py foreign_family)
+def _dspark_tensors(cfg: "TinyConfig", w: "_Weights") -> list[tuple[str, np.ndarray]]:
+    r, D, V = cfg.dspark_rank, cfg.n_embd, cfg.n_vocab
+    return [("fc.weight", w.matrix(2 * D, D)), ("enc.output_norm.weight", w.normal(0.1, D, mean=1.0)),
+            ("markov_w1.weight", w.matrix(r, V)), ("markov_w2.weight", w.matrix(r, V)),
+            ("markov_w2.scale", w.uniform(0.5, 1.5, 1)), ("conf_proj.weight", w.matrix(D + r, 1)),
+            ("conf_proj.bias", w.normal(0.1, 1))]
 QUANTIZED = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight",
              "attn_output_a.weight", "attn_output_b.weight", "indexer.attn_q_b.weight", "ffn_gate_exps.weight",
              "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
@@ -47,7 +84,7 @@ QUANTIZED = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.
 _INT_FIELDS = ("n_vocab", "n_embd", "n_layer", "n_hash_layers", "n_mtp_layers", "n_head", "head_dim", "n_rot",
                "q_lora_rank", "o_groups", "o_lora_rank", "n_swa", "indexer_n_head", "indexer_head_dim",
                "indexer_top_k", "n_expert", "n_expert_used", "n_expert_shared", "expert_ff", "hc_mult",
-               "hc_sinkhorn_iters", "rope_orig_ctx", "context_length", "distinct_experts")
+               "hc_sinkhorn_iters", "rope_orig_ctx", "context_length", "distinct_experts", "dspark_rank")
 _FLOAT_FIELDS = ("expert_weights_scale", "swiglu_limit", "swiglu_limit_shared", "hc_eps", "norm_eps",
                  "rope_freq_base", "compress_rope_freq_base", "rope_scaling_factor", "yarn_beta_fast",
                  "yarn_beta_slow")
@@ -95,6 +132,9 @@ class TinyConfig:
     expert_type: str | None = None  # routed experts (default: weight_type)
     distinct_experts: int = 0       # >0: draw this many routed experts per layer and repeat them to
     #                                 n_expert (a large benchmark file in seconds; 0: all drawn)
+    recipe: str | dict | None = None   # per-tensor types: a RECIPES name or {pattern: type}
+    dspark_rank: int = 0            # >0: bundle the DSpark draft head (markov rank), unused by the engine
+    ratio_tail: list[int] = field(default_factory=list)   # compress_ratios entries after the blocks'
 
     def validate(self) -> None:
         """Raises ValueError naming the first option that cannot make a file llama.cpp's loader
@@ -150,6 +190,16 @@ class TinyConfig:
         for name in (self.weight_type, self.expert_type or self.weight_type):
             need(isinstance(name, str) and name.lower() in WEIGHT_TYPES,
                  f"weight type {name!r} is not one of {', '.join(WEIGHT_TYPES)}")
+        if self.recipe is not None:
+            need(isinstance(self.recipe, dict) or self.recipe in RECIPES,
+                 f"recipe must be a dict of name pattern -> type or one of {', '.join(RECIPES)}, got {self.recipe!r}")
+            for pattern, kind in _recipe(self).items():
+                need(isinstance(pattern, str) and isinstance(kind, str) and kind.lower() in WEIGHT_TYPES,
+                     f"recipe entry {pattern!r}: {kind!r} is not one of {', '.join(WEIGHT_TYPES)}")
+        need(self.dspark_rank >= 0, f"dspark_rank must be non-negative, got {self.dspark_rank}")
+        need(isinstance(self.ratio_tail, (list, tuple)) and
+             all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in self.ratio_tail),
+             f"ratio_tail must be a list of non-negative integers, got {self.ratio_tail!r}")
         build_vocab(self.n_vocab)  # raises for a too small vocabulary
 
 
@@ -304,6 +354,7 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     n_blocks = cfg.n_layer + cfg.n_mtp_layers
     ratios = list(cfg.compress_ratios) + [0] * cfg.n_mtp_layers
     ratios_key = ratios + ([0] if cfg.n_mtp_layers == 0 else [])   # one extra entry, like the real files
+    ratios_key += [int(r) for r in cfg.ratio_tail]
     shexp = cfg.swiglu_limit if cfg.swiglu_limit_shared is None else cfg.swiglu_limit_shared
 
     w = GGUFWriter(os.fspath(path), ARCH)
@@ -383,6 +434,8 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     ]
     for il in range(n_blocks):
         tensors += _layer_tensors(cfg, rng, il, mtp=il >= cfg.n_layer)
+    if cfg.dspark_rank:
+        tensors += _dspark_tensors(cfg, rng)
     kinds: list[str] = []
     for name, data in tensors:
         wanted = _wanted_type(cfg, name)
@@ -421,10 +474,17 @@ def write_tiny_model(path: str | os.PathLike, seed: int = 0, **overrides: Any) -
     return out
 
 
+def _recipe(cfg: TinyConfig) -> dict:
+    return RECIPES[cfg.recipe] if isinstance(cfg.recipe, str) else dict(cfg.recipe or {})
+
+
 def _wanted_type(cfg: TinyConfig, name: str) -> str | None:
     suffix = name.split(".", 2)[-1] if name.startswith("blk.") else name
     if suffix not in QUANTIZED:
         return None
+    for pattern, kind in _recipe(cfg).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return kind.lower()
     if suffix.endswith("_exps.weight"):
         return (cfg.expert_type or cfg.weight_type).lower()
     return cfg.weight_type.lower()

@@ -752,6 +752,15 @@ def _tensor_sets(b: _Builder) -> None:
     b.edit("extra/optional-with-wrong-shape", TensorShape, extra("blk.1.exp_probs_b_vl.bias", (5,)))
     b.edit("extra/optional-with-wrong-type", TensorType, extra("blk.1.exp_probs_b_vl.bias", (4,), T_F16))
     b.edit("extra/mtp-block-extra-tensor", Unexpected, extra("blk.4.attn_norm.weight", (64,)), mtp=True)
+    # a bundled DSpark/DFlash draft head (llama.cpp's names) loads whatever its shapes and types;
+    # names near them are still unexpected
+    for name, ne, ggml_type in (("markov_w1.weight", (16, 300), T_F32), ("markov_w2.scale", (1,), T_F32),
+                                ("conf_proj.bias", (7, 3), T_I32), ("fc.weight", (128, 64), T_F16),
+                                ("blk.7.attn_conv_base.weight", (4,), T_F32), ("d2t", (300,), T_I32)):
+        b.edit(f"valid/draft-head-{name}", LOADS, extra(name, ne, ggml_type))
+    for name in ("markov_w1", "markov_w1.weight.", "blk.x.ffn_conv_proj.weight", "blk.7.attn_conv_base.bias",
+                 "selector_hidden.bias", "d2t.weight"):
+        b.edit(f"extra/near-draft-head-{name}", Unexpected, extra(name, (4,)))
 
     # shapes
     for name in ("token_embd.weight", "blk.0.attn_q_b.weight", "blk.1.attn_output_a.weight", "blk.2.ffn_up_exps.weight",

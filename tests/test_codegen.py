@@ -93,6 +93,13 @@ def test_declarations_reject_misuse():
         m.tensor("bad name", "b.weight", (d,), DType.F32, "")
     with pytest.raises(DslError, match="cannot depend on the layer"):
         m.derive("dd", r * 2, "per layer")
+    m.foreign_family("draft", ["d.weight", "blk.{il}.d.weight"])
+    for name in ("emb.weight", "d.weight"):          # the model's own tensor, a foreign one again
+        with pytest.raises(DslError, match="declared already"):
+            m.foreign_family("other", [name])
+    with pytest.raises(DslError, match="placeholder"):
+        m.foreign_family("other", ["blk.{n}.x.weight"])
+    assert m.foreign == [("draft", "d.weight"), ("draft", "blk.{il}.d.weight")]
 
 
 def test_v4_declares_every_tensor_of_the_spec_once():

@@ -83,6 +83,38 @@ def test_model_with_mtp_block_loads(tmp_path):
     assert "blk.6.nextn.eh_proj.weight" in {t.name for t in m.tensors}
 
 
+def test_bundled_draft_head_and_longer_compress_ratios_load(tmp_path):
+    """Files people have carry what the engine does not use: llama.cpp's DSpark draft head
+    (markov_w1/w2, conf_proj, fc, enc.output_norm; llama.cpp's deepseek4 loader refuses such a file)
+    and, in the -0731 release, a compress_ratios array longer than block_count (46 entries for 44
+    blocks). Both load; the draft tensors are listed as "ignored" and change no logit."""
+    from dsv4_ggml.tiny import write_tiny_model
+
+    kw = dict(seed=0, n_layer=3, n_mtp_layers=1, n_vocab=300, n_embd=64, head_dim=64, n_head=2, n_rot=32,
+              q_lora_rank=32, indexer_n_head=4, indexer_head_dim=64, n_expert=4, expert_ff=64)
+    plain, bundled = tmp_path / "plain.gguf", tmp_path / "bundled.gguf"
+    write_tiny_model(plain, **kw)
+    write_tiny_model(bundled, dspark_rank=16, ratio_tail=[4, 128], **kw)
+    tokens = [(7 * i) % 300 for i in range(40)]
+    with open_model(plain) as a, open_model(bundled) as b:
+        assert b.metadata_array_length("deepseek4.attention.compress_ratios") == 4 + 2
+        ignored = {t.name for t in b.tensors if t.placement == "ignored"}
+        assert ignored == {"fc.weight", "enc.output_norm.weight", "markov_w1.weight", "markov_w2.weight",
+                           "markov_w2.scale", "conf_proj.weight", "conf_proj.bias"}
+        assert not any(t.placement == "ignored" for t in a.tensors)
+        assert a.hparams == b.hparams
+        np.testing.assert_array_equal(a.eval(tokens), b.eval(tokens))
+
+
+@pytest.mark.parametrize("name", ["markov_w3.weight", "blk.x.attn_conv_base.weight", "blk.0.attn_conv_base",
+                                  "xfc.weight", "blk..ffn_conv_proj.weight"])
+def test_names_near_the_draft_head_still_raise_unexpected_tensor(base, tmp_path, name):
+    p = rewrite(base, tmp_path / "x.gguf", add_tensors={name: np.zeros(4, np.float32)})
+    expect(p, errors.UnexpectedTensorError, name)
+    ok = rewrite(base, tmp_path / "ok.gguf", add_tensors={"blk.12.attn_conv_base.weight": np.zeros(4, np.float32)})
+    open_model(ok).close()
+
+
 # --- caller errors ---------------------------------------------------------------------------------
 
 def test_bad_arguments_raise_invalid_argument(base):

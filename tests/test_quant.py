@@ -17,7 +17,7 @@ import pytest
 
 import dsv4_ggml
 from dsv4_ggml.reference import Reference
-from dsv4_ggml.tiny import write_tiny_model
+from dsv4_ggml.tiny import RECIPES, WEIGHT_TYPES, write_tiny_model
 
 from conftest import TEST_BACKEND
 
@@ -32,6 +32,31 @@ WEIGHT_BOUNDS = {
     "q2_k": (5e-2, 3.1e-2),
     "iq2_xxs": (5e-2, 2.9e-2),
     "mxfp4": (4e-2, 2.3e-2),
+    "q4_0": (5e-2, 2.9e-2),
+    "q4_1": (4e-2, 2.3e-2),
+    "q5_0": (4e-2, 2.6e-2),
+    "q5_1": (4e-2, 2.1e-2),
+    "q3_k": (5e-2, 2.7e-2),
+    "q5_k": (5e-2, 2.6e-2),
+    "q6_k": (5e-2, 2.8e-2),
+    "iq1_s": (5e-2, 3.0e-2),
+    "iq1_m": (7e-2, 4.5e-2),
+    "iq2_xs": (5e-2, 3.0e-2),
+    "iq2_s": (5e-2, 3.1e-2),
+    "iq3_xxs": (5e-2, 3.1e-2),
+    "iq3_s": (5e-2, 3.1e-2),
+    "iq4_nl": (5e-2, 2.6e-2),
+    "iq4_xs": (5e-2, 3.1e-2),
+}
+# dsv4_ggml.tiny.RECIPES name -> (bound, measured worst), as above
+RECIPE_BOUNDS = {
+    "iq1_m": (5e-2, 2.5e-2),
+    "iq1_s": (5e-2, 3.0e-2),
+    "iq2": (5e-2, 2.9e-2),
+    "iq3": (5e-2, 2.8e-2),
+    "k": (5e-2, 2.6e-2),
+    "mxfp4": (3e-2, 1.5e-2),
+    "legacy": (4e-2, 2.2e-2),
 }
 # cache type -> (bound, measured worst) over a 700-token prompt + 64 decode steps, F32 weights
 CACHE_BOUNDS = {
@@ -68,6 +93,34 @@ def test_quantized_weights_within_measured_bound(tmp_path, prompt, wtype):
           f"median {np.median(err):.2e}, argmax {agree:.1%}")
     assert err.max() < bound
     assert agree > 0.9
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_quant_mix_recipes_within_measured_bound(tmp_path, prompt, recipe):
+    """Per-tensor mixes shaped like published DeepSeek-V4 GGUFs (dsv4_ggml.tiny.RECIPES: routed
+    experts at 1-4 bits, the shared expert, attention, embedding and head higher; together every
+    weight type): every type of the recipe is in the file and runs; logits within the recipe's
+    bound of the reference on the same file, greedy choices (argmax per position) measured."""
+    path = tmp_path / f"{recipe}.gguf"
+    cfg = write_tiny_model(path, seed=0, recipe=recipe, **SMOOTH)
+    wanted = {t for t in RECIPES[recipe].values() if t != "f32"}
+    assert wanted <= set(cfg["tensor_types"].values())
+    with dsv4_ggml.Model(path, n_ctx=512, cache_type="f32") as m:
+        assert {t.name: t.type.lower() for t in m.tensors if t.name in cfg["tensor_types"]} == cfg["tensor_types"]
+        got = m.eval(prompt)
+    ref = Reference(path).eval(prompt)
+    err = rel_err(got, ref)
+    bound, measured = RECIPE_BOUNDS[recipe]
+    agree = (got.argmax(1) == ref.argmax(1)).mean()
+    print(f"recipe {recipe}: {sorted(wanted)}, worst {err.max():.2e} (measured {measured:.1e}), "
+          f"median {np.median(err):.2e}, argmax {agree:.1%}")
+    assert err.max() < bound
+    assert agree > 0.9
+
+
+def test_recipes_cover_every_weight_type():
+    used = {t for r in RECIPES.values() for t in r.values()}
+    assert used | {"f32"} == set(WEIGHT_TYPES)
 
 
 @pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q2_k"])

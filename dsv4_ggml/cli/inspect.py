@@ -16,6 +16,8 @@ def add_arguments(i) -> None:
 
 
 def run(args) -> int:
+    from codegen.tables import gguf_key
+
     from ..model import Model
 
     import time
@@ -49,6 +51,15 @@ def run(args) -> int:
         mtp = [t for t in tensors if t.name.startswith(f"blk.{hp['n_layer']}.")]
         print(f"MTP block: blk.{hp['n_layer']}, {len(mtp)} tensors ({_human(sum(t.nbytes for t in mtp))}); "
               f"used only with Model(mtp=True) / --draft mtp (no step computes with it otherwise)")
+    ignored = [t for t in tensors if t.placement == "ignored"]
+    if ignored:   # another model's tensors that converters bundle (codegen/v4.py foreign_family)
+        names = ", ".join(t.name for t in ignored[:6]) + (", ..." if len(ignored) > 6 else "")
+        print(f"ignored: {len(ignored)} tensors ({_human(sum(t.nbytes for t in ignored))}) of a bundled "
+              f"DSpark/DFlash draft head ({names}); no step computes with them")
+    n_ratios = m.metadata_array_length(gguf_key("compress_ratios")) or 0
+    if n_ratios > hp["n_layer_all"]:
+        print(f"compress_ratios: {n_ratios} entries for {hp['n_layer_all']} blocks; the entries after the "
+              f"first {hp['n_layer_all']} are not read")
     for n_ctx in args.ctx:
         if n_ctx > hp["n_ctx_train"]:
             print(f"n_ctx {n_ctx}: exceeds the model's context length {hp['n_ctx_train']}")

@@ -23,9 +23,9 @@ from .plan import _Planner
 from .tokenizer import read_tokenizer
 
 
-def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "q8_0", experts: str = "auto",
+def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike | None, outtype: str = "q8_0", experts: str = "auto",
             mtp: bool = False, progress: Callable[[float], Any] | None = None, split_max_size: int = 0,
-            split_max_tensors: int = 0) -> dict[str, Any]:
+            split_max_tensors: int = 0, dry_run: bool = False, holes: bool = False) -> dict[str, Any]:
     """Convert the official DeepSeek-V4 checkpoint in `hf_dir` to a GGUF at `out_path`.
 
     `progress(fraction)` is called after every written block of data; returning False cancels
@@ -36,7 +36,14 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     written as `x.part-0000K-of-0000N.gguf` first. Returns statistics: path (the first part's),
     files (every part), tensors, bytes (all files), data_bytes, types (ggml type -> tensor count),
     experts (the routed experts' type), skipped (checkpoint tensors not converted on purpose),
-    seconds, rss_start_bytes, peak_rss_bytes (the process's VmHWM at the end)."""
+    seconds, rss_start_bytes, peak_rss_bytes (the process's VmHWM at the end), table (every
+    tensor as (name, ggml ne, ggml type name, bytes), in file order).
+
+    `dry_run=True` reads only the checkpoint's headers, plans the tensors and returns the
+    statistics (path None, files [], bytes the data alone) without writing anything. `holes=True`
+    writes the complete file but not the tensor data: the file is extended to its full size as a
+    sparse file whose data read as zeros (a full-size model's header for checking loaders and
+    memory planning without the weights; its logits mean nothing)."""
     t0 = time.perf_counter()
     rss0 = rss_bytes()
     outtype = str(outtype).lower()
@@ -65,10 +72,13 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
         if not 0 <= hp[key] < hp["n_vocab"]:
             raise BadKeyError(f"config key '{name}' = {hp[key]} is outside the vocabulary")
 
+    if out_path is None and not dry_run:
+        raise InvalidArgumentError("out_path is needed (None only with dry_run=True)")
     ck = Checkpoint(hf_dir)
-    out_path = Path(out_path)
-    # gguf-py names the parts after its path's stem: x.part.gguf -> x.part-00001-of-00003.gguf
-    part = out_path.with_name(out_path.stem + ".part.gguf" if split else out_path.name + ".part")
+    if not dry_run:
+        out_path = Path(out_path)
+        # gguf-py names the parts after its path's stem: x.part.gguf -> x.part-00001-of-00003.gguf
+        part = out_path.with_name(out_path.stem + ".part.gguf" if split else out_path.name + ".part")
     w = None
     written: list[Path] = []
     try:
@@ -79,6 +89,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
             raise UnexpectedTensorError(f"{len(unexpected)} checkpoint tensor(s) have no GGUF counterpart: "
                                         + ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else ""))
         items = planner.items
+        if dry_run:
+            return _stats(items, [], outtype, skipped, t0, rss0)
 
         w = GGUFWriter(os.fspath(part), ARCH, split_max_tensors=split_max_tensors, split_max_size=split_max_size)
         _write_metadata(w, hp, tok, mtp)
@@ -93,6 +105,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
         done = 0
         for fout, tensors in zip(w.fout, w.tensors):   # each part's tensors, in order
             w.write_padding(fout, fout.tell())
+            if holes:   # the data as a hole: extend the file to the size the tensors would give it
+                align = w.data_alignment
+                fout.truncate(fout.tell() + sum(-(-by_name[n].nbytes // align) * align for n in tensors))
+                continue
             for name in tensors:
                 done = _write_tensor(w, fout, by_name[name], done, total, progress)
         w.close()
@@ -113,16 +129,22 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     finally:
         ck.close()
 
+    return _stats(items, final, outtype, skipped, t0, rss0)
+
+
+def _stats(items, final: list[Path], outtype: str, skipped, t0: float, rss0) -> dict[str, Any]:
     types: dict[str, int] = {}
     for it in items:
         types[it.gtype.name] = types.get(it.gtype.name, 0) + 1
     exp_types = {it.gtype.name for it in items if it.name.endswith("_exps.weight")}
+    data_bytes = sum(it.nbytes for it in items)
     return dict(
-        path=os.fspath(final[0]), files=[os.fspath(p) for p in final], tensors=len(items),
-        bytes=sum(p.stat().st_size for p in final),
-        data_bytes=sum(it.nbytes for it in items), types=types, outtype=outtype,
+        path=os.fspath(final[0]) if final else None, files=[os.fspath(p) for p in final], tensors=len(items),
+        bytes=sum(p.stat().st_size for p in final) if final else data_bytes,
+        data_bytes=data_bytes, types=types, outtype=outtype,
         experts=",".join(sorted(exp_types)), skipped=skipped, seconds=time.perf_counter() - t0,
-        rss_start_bytes=rss0, peak_rss_bytes=peak_rss_bytes())
+        rss_start_bytes=rss0, peak_rss_bytes=peak_rss_bytes(),
+        table=[(it.name, tuple(reversed(it.shape)), it.gtype.name, it.nbytes) for it in items])
 
 
 def _write_tensor(w: GGUFWriter, fout, it, done: int, total: int, progress) -> int:

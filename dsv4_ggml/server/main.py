@@ -35,7 +35,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
           log_level: str = "info", n_gpu_layers: int | None = None, experts_on_host: bool = False,
           repack: bool | str = True, parallel: int | str = "auto", max_queue: int = 64,
           cache_dir: str | None = None, cache_mib: int = 8192, draft: str | None = None, n_draft: int = 2,
-          adaptive_draft: bool = True, draft_model: str | None = None) -> None:
+          adaptive_draft: bool = True, draft_model: str | None = None, copy_limit: int | None = None) -> None:
     """Loads the model and serves it until interrupted (Ctrl-C / SIGTERM). `model_path` None:
     the embedded tiny random model (a demo). `parallel`: sequence slots that generate at once
     (continuous batching); "auto": 4 when their state fits in half the free memory, else 1.
@@ -57,7 +57,8 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
     try:
         model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, backend=backend, n_ubatch=n_ubatch,
                       cache_type=cache_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-                      experts_on_host=experts_on_host, repack=repack, n_seq=parallel, mtp=draft == "mtp")
+                      experts_on_host=experts_on_host, repack=repack, n_seq=parallel, mtp=draft == "mtp",
+                      copy_limit=copy_limit)
         _ = (model.tokenizer, model.chat_template)     # build both now, not in the first request
         if draft_model is not None:
             if draft is not None:

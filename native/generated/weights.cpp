@@ -215,4 +215,31 @@ void bind_weights(const dsv4_hparams & hp, WeightBinder & b, Weights & w) {
     }
 }
 
+const char * foreign_family(const std::string & name) {
+    static const char * const table[][2] = {
+        {"DSpark/DFlash draft head", "fc.weight"},
+        {"DSpark/DFlash draft head", "fc.scale"},
+        {"DSpark/DFlash draft head", "enc.output_norm.weight"},
+        {"DSpark/DFlash draft head", "d2t"},
+        {"DSpark/DFlash draft head", "markov_w1.weight"},
+        {"DSpark/DFlash draft head", "markov_w2.weight"},
+        {"DSpark/DFlash draft head", "markov_w2.scale"},
+        {"DSpark/DFlash draft head", "conf_proj.weight"},
+        {"DSpark/DFlash draft head", "conf_proj.bias"},
+        {"DSpark/DFlash draft head", "selector_predecessor.weight"},
+        {"DSpark/DFlash draft head", "selector_successor.weight"},
+        {"DSpark/DFlash draft head", "selector_hidden.weight"},
+        {"DSpark/DFlash draft head", "blk.{il}.attn_conv_base.weight"},
+        {"DSpark/DFlash draft head", "blk.{il}.attn_conv_proj.weight"},
+        {"DSpark/DFlash draft head", "blk.{il}.ffn_conv_base.weight"},
+        {"DSpark/DFlash draft head", "blk.{il}.ffn_conv_proj.weight"},
+    };
+    for (const auto & row : table) {
+        if (name_matches(name, row[1])) {
+            return row[0];
+        }
+    }
+    return nullptr;
+}
+
 }  // namespace dsv4

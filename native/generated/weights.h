@@ -6,6 +6,7 @@
 
 #include "ggml.h"
 
+#include <string>
 #include <vector>
 
 namespace dsv4 {
@@ -64,5 +65,9 @@ struct Weights {
     ggml_tensor * output_hc_scale = nullptr;  // HC head scale
     std::vector<LayerWeights> layers;  // n_layer_all entries: trunk layers, then the MTP block
 };
+
+// The family of a tensor another model's converter bundles into these files (declared with
+// foreign_family in the DSL; the loader ignores it), or nullptr.
+const char * foreign_family(const std::string & name);
 
 }  // namespace dsv4

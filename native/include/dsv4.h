@@ -130,7 +130,8 @@ typedef struct dsv4_tensor_info {
     uint64_t nbytes;
     const char * placement;    /* where the weight is read from: "mapped" (the file, in place) or the
                                   buffer type it was copied into at load ("AMX", "CPU_REPACK", "CPU"
-                                  (copied as it is), "CUDA0") */
+                                  (copied as it is), "CUDA0"), or "ignored": a tensor of another
+                                  model that converters bundle (the DSpark draft head), unused */
     int32_t file;              /* the file holding it: 0, or its part of a split model (from 0;
                                   dsv4_model_file_path) */
 } dsv4_tensor_info;
@@ -145,6 +146,9 @@ typedef struct dsv4_model_params {
     int32_t n_gpu_layers;      /* CUDA: trunk layers whose weights go to the device; < 0: all */
     bool experts_on_host;      /* CUDA: keep routed experts in host memory (run on the CPU) */
     int32_t repack;            /* CPU: dsv4_repack (default DSV4_REPACK_AUTO) */
+    uint64_t copy_limit;       /* CPU: the most bytes of weights copied at load (repacked layouts and plain
+                                  copies); the weights beyond it are read in place from the mapped file
+                                  (dsv4_model_load_note says which). 0 (default): half the physical memory */
     dsv4_progress_fn progress; /* optional */
     void * progress_data;
 } dsv4_model_params;
@@ -224,6 +228,11 @@ DSV4_API dsv4_status dsv4_model_merge(const dsv4_model * model, int32_t index, c
 /* *text = NULL when the key is absent; DSV4_ERR_BAD_KEY when it is not a string. */
 DSV4_API dsv4_status dsv4_model_meta_string(const dsv4_model * model, const char * key, const char ** text,
                                             size_t * len);
+/* What the loader decided that a user should know (weights left mapped because their copies would
+   pass copy_limit), or "" (*text stays valid while the model is open). */
+DSV4_API dsv4_status dsv4_model_load_note(const dsv4_model * model, const char ** text);
+/* *n = the number of entries of an array key; -1 when the key is absent or not an array. */
+DSV4_API dsv4_status dsv4_model_meta_array_length(const dsv4_model * model, const char * key, int64_t * n);
 
 DSV4_API dsv4_session_params dsv4_session_default_params(void);
 /* A session holds n_seq sequences (slots 0 … n_seq − 1) that share the model's weights; several

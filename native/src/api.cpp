@@ -135,6 +135,7 @@ dsv4_model_params dsv4_model_default_params(void) {
     p.n_gpu_layers = -1;
     p.experts_on_host = false;
     p.repack = DSV4_REPACK_AUTO;
+    p.copy_limit = 0;
     p.progress = nullptr;
     p.progress_data = nullptr;
     return p;
@@ -265,6 +266,24 @@ dsv4_status dsv4_model_meta_string(const dsv4_model * model, const char * key, c
             *text = v->str.data();
             *len = v->str.size();
         }
+    });
+}
+
+dsv4_status dsv4_model_load_note(const dsv4_model * model, const char ** text) {
+    return guarded([&] {
+        require(model, "model");
+        require(text, "text");
+        *text = model->load_note.c_str();
+    });
+}
+
+dsv4_status dsv4_model_meta_array_length(const dsv4_model * model, const char * key, int64_t * n) {
+    return guarded([&] {
+        require(model, "model");
+        require(key, "key");
+        require(n, "n");
+        const dsv4::GgufValue * v = model->file->find(key);
+        *n = v != nullptr && v->type == dsv4::GgufType::ARRAY ? int64_t(v->n) : -1;
     });
 }
 

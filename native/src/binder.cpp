@@ -12,6 +12,26 @@ std::string layer_name(const char * fmt, uint32_t il) {
     return buf;
 }
 
+bool name_matches(const std::string & name, const char * pattern) {
+    static const std::string il = "{il}";
+    const std::string pat = pattern;
+    const size_t at = pat.find(il);
+    if (at == std::string::npos) {
+        return name == pat;
+    }
+    const size_t tail = pat.size() - at - il.size();
+    if (name.size() <= at + tail || name.compare(0, at, pat, 0, at) != 0 ||
+        name.compare(name.size() - tail, tail, pat, at + il.size(), tail) != 0) {
+        return false;
+    }
+    for (size_t i = at; i < name.size() - tail; ++i) {
+        if (name[i] < '0' || name[i] > '9') {
+            return false;
+        }
+    }
+    return true;
+}
+
 namespace {
 
 std::string shape_string(const int64_t * ne, size_t n) {
@@ -98,7 +118,7 @@ ggml_tensor * WeightBinder::bind(const std::string & name, DType dtype, Need nee
 
 void WeightBinder::check_all_used() const {
     for (size_t i = 0; i < used_.size(); ++i) {
-        if (!used_[i]) {
+        if (!used_[i] && foreign_family(file_.tensors()[i].name) == nullptr) {
             fail(DSV4_ERR_UNEXPECTED_TENSOR,
                  "the file holds tensor '%s', which this model's hyperparameters do not use "
                  "(a different architecture variant, or hparams that contradict the tensors?)",

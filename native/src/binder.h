@@ -19,6 +19,9 @@ enum class Need { REQUIRED, OPTIONAL };
 
 std::string layer_name(const char * fmt, uint32_t il);
 
+// Whether `name` is `pattern`, where "{il}" in the pattern stands for a block number (decimal digits).
+bool name_matches(const std::string & name, const char * pattern);
+
 class WeightBinder {
   public:
     struct Bound {
@@ -34,7 +37,8 @@ class WeightBinder {
     ggml_tensor * bind(const std::string & name, DType dtype, Need need, std::initializer_list<int64_t> shape,
                        const char * shape_text, std::initializer_list<int64_t> view);
 
-    // Throws DSV4_ERR_UNEXPECTED_TENSOR if the file holds a tensor no declaration bound.
+    // Throws DSV4_ERR_UNEXPECTED_TENSOR if the file holds a tensor no declaration bound and no
+    // foreign family (foreign_family) names.
     void check_all_used() const;
 
     const std::vector<Bound> & bound() const { return bound_; }

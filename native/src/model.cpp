@@ -102,7 +102,40 @@ struct Placement {
     std::vector<ggml_backend_buffer_type_t> bufts;
     std::vector<int> target;
     std::vector<size_t> bytes;
+    std::string note;   // what the plan left out, for the user (dsv4_model_load_note)
 };
+
+// On the CPU, every copy together stays within the copy limit (default half the physical
+// memory, so that a model larger than the machine still loads): the non-expert weights first
+// (every token reads them all), then the routed experts in file order; the rest stay mapped.
+void cap_copies(const dsv4_model & m, const std::vector<WeightBinder::Bound> & bound, const std::vector<size_t> & size,
+                Placement & pl) {
+    const uint64_t limit = m.params.copy_limit != 0 ? m.params.copy_limit : physical_memory_bytes() / 2;
+    uint64_t used = 0, left_bytes = 0;
+    size_t left = 0;
+    for (const bool experts : {false, true}) {
+        for (size_t i = 0; i < bound.size(); ++i) {
+            if (pl.target[i] < 0 || (bound[i].info->name.find("_exps.") != std::string::npos) != experts) {
+                continue;
+            }
+            if (used + size[i] <= limit) {
+                used += size[i];
+                continue;
+            }
+            pl.bytes[size_t(pl.target[i])] -= size[i];
+            pl.target[i] = -1;
+            left += 1;
+            left_bytes += bound[i].info->nbytes;
+        }
+    }
+    if (left > 0) {
+        pl.note = format("%zu weights (%.2f GiB) are read in place from the mapped file: copying them too (repack) "
+                         "would pass the copy limit of %.2f GiB (%s); %.2f GiB were copied",
+                         left, double(left_bytes) / 1073741824.0, double(limit) / 1073741824.0,
+                         m.params.copy_limit != 0 ? "copy_limit" : "half of this machine's memory",
+                         double(used) / 1073741824.0);
+    }
+}
 
 Placement plan_placement(const dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
     const dsv4_model_params & p = m.params;
@@ -110,6 +143,7 @@ Placement plan_placement(const dsv4_model & m, const std::vector<WeightBinder::B
     pl.bufts = copy_buffer_types(p);
     pl.target.assign(bound.size(), -1);
     pl.bytes.assign(pl.bufts.size(), 0);
+    std::vector<size_t> size(bound.size(), 0);
     for (size_t i = 0; i < bound.size(); ++i) {
         ggml_backend_buffer_type_t buft = weight_buffer_type(p, m.hp, pl.bufts, bound[i].tensor, bound[i].info->name);
         if (buft == nullptr) {
@@ -118,7 +152,8 @@ Placement plan_placement(const dsv4_model & m, const std::vector<WeightBinder::B
         const auto k = size_t(std::find(pl.bufts.begin(), pl.bufts.end(), buft) - pl.bufts.begin());
         GGML_ASSERT(k < pl.bufts.size());
         pl.target[i] = int(k);
-        pl.bytes[k] += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor), ggml_backend_buft_get_alignment(buft));
+        size[i] = GGML_PAD(ggml_backend_buft_get_alloc_size(buft, bound[i].tensor), ggml_backend_buft_get_alignment(buft));
+        pl.bytes[k] += size[i];
     }
     // the plain copies (weights as they are, for huge pages) are only a speed-up: where they would
     // take more than a quarter of this machine's memory, those weights are read in place instead
@@ -126,6 +161,9 @@ Placement plan_placement(const dsv4_model & m, const std::vector<WeightBinder::B
     if (plain < pl.bufts.size() && pl.bytes[plain] > physical_memory_bytes() / 4) {
         std::replace(pl.target.begin(), pl.target.end(), int(plain), -1);
         pl.bytes[plain] = 0;
+    }
+    if (p.backend == DSV4_BACKEND_CPU) {
+        cap_copies(m, bound, size, pl);
     }
     return pl;
 }
@@ -225,6 +263,7 @@ void fill_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound
 
 void place_weights(dsv4_model & m, const std::vector<WeightBinder::Bound> & bound) {
     const Placement pl = plan_placement(m, bound);
+    m.load_note = pl.note;
     const size_t copied = allocate_weights(m, bound, pl);
     if (copied > 0 || m.params.prefetch || m.params.progress != nullptr) {
         fill_weights(m, bound, pl);
@@ -286,7 +325,9 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
         const ggml_tensor * w = ggml_get_tensor(m->ctx_meta, ti.name.c_str());
         const bool mapped = w == nullptr || w->buffer == nullptr ||
                             std::find(m->weights_bufs.begin(), m->weights_bufs.end(), w->buffer) != m->weights_bufs.end();
-        t.placement = mapped ? "mapped" : ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
+        t.placement = w == nullptr ? "ignored"   // a foreign tensor (check_all_used let only those through)
+                      : mapped     ? "mapped"
+                                   : ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
         m->table.push_back(t);
     }
     return m;

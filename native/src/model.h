@@ -21,6 +21,7 @@ struct dsv4_model {
     std::vector<dsv4_tensor_info> table;      // the file's tensors, in file (part, then file) order
     dsv4_model_params params{};
     uint64_t fingerprint = 0;                 // of the hparams and the tensor table (saved states)
+    std::string load_note;                    // dsv4_model_load_note
 
     ~dsv4_model();
 };
