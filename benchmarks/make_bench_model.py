@@ -17,7 +17,11 @@ written in about a minute instead of half an hour.
 `--wide --layers N` writes N such layers (ratios 4, 128 in turn) as dsv4-wideN-<type>.gguf: the
 difference between two depths is the cost of a layer, apart from the embedding and the head.
 
-Usage: python benchmarks/make_bench_model.py OUT_DIR [--types q8_0,q4_k] [--wide [--layers N]]
+`--head-dim 256`: the same stack with 16 heads x 256 (the query width and everything else
+unchanged), written as dsv4-bench256-<type>.gguf: a shape whose head width llama.cpp's repacked
+(AMX) CPU weights can run, so both engines are compared at their defaults on it (issue 21).
+
+Usage: python benchmarks/make_bench_model.py OUT_DIR [--types q8_0,q4_k] [--wide [--layers N]] [--head-dim 256]
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ def main() -> None:
     ap.add_argument("--wide", action="store_true", help="the full-width stack (GPU benchmark)")
     ap.add_argument("--layers", type=int, default=2, help="layers of the full-width stack (default 2)")
     ap.add_argument("--mtp", action="store_true", help="with the MTP block (spec §3.10; same trunk weights)")
+    ap.add_argument("--head-dim", type=int, default=512, choices=(512, 256),
+                    help="head width of the bench stack: 512 (8 heads, the real width) or 256 (16 heads)")
     args = ap.parse_args()
     if args.layers < 1 or (args.layers != 2 and not args.wide):
         ap.error("--layers takes a positive count and goes with --wide")
@@ -58,6 +64,11 @@ def main() -> None:
     if args.wide:
         shape = dict(WIDE, n_layer=args.layers, compress_ratios=[(4, 128)[i % 2] for i in range(args.layers)])
         name = "wide" if args.layers == 2 else f"wide{args.layers}"
+    if args.head_dim != 512:
+        if args.wide:
+            ap.error("--head-dim goes with the bench stack, not --wide")
+        shape.update(n_head=8 * 512 // args.head_dim, head_dim=args.head_dim)
+        name = f"bench{args.head_dim}"
     for t in args.types.split(","):
         path = os.path.join(args.out_dir, f"dsv4-{name}-{t}{'-mtp' if args.mtp else ''}.gguf")
         t0 = time.time()

@@ -83,6 +83,28 @@ def decode_bytes_per_token(model: Model) -> dict[str, float]:
     return parts
 
 
+def prefill_macs_per_token(model: Model) -> float:
+    """Multiply-accumulates of the weight matrices per prompt token: every matrix of the trunk that
+    multiplies activations (attention, HC mixes, compressors, indexer, router, shared expert) and K of
+    the E routed experts; not the embedding (rows are looked up), the LM head (one row of logits per
+    prompt), norms, biases and positional terms, nor attention over the context (which grows with
+    depth; at pp512 it is a few percent of the matrices)."""
+    hp = model.hparams
+    k, e = hp["n_expert_used"], hp["n_expert"]
+    macs = 0.0
+    for t in model.tensors:
+        if len(t.shape) < 2 or not t.name.startswith("blk.") or "_ape" in t.name or "tid2eid" in t.name:
+            continue
+        if int(t.name.split(".")[1]) >= hp["n_layer"] or "nextn" in t.name:
+            continue
+        n = float(np.prod(t.shape))
+        macs += n * k / e if "_exps." in t.name else n
+    for t in model.tensors:   # the output HC mix
+        if t.name == "output_hc_fn.weight":
+            macs += float(np.prod(t.shape))
+    return macs
+
+
 def expected_experts(n_expert: int, n_used: int, n_tokens: int) -> float:
     """Expected number of distinct routed experts n_tokens tokens select in one layer (each picks
     n_used of n_expert; modelled as independent and uniform, which the bench models' random
@@ -109,12 +131,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None,
+def run_bench(path: str, n_prompt: int | list[int] = 512, n_gen: int = 128, threads: int | None = None,
               depths: list[int] = (0,), repetitions: int = 3, cache_type: str = "f16",
               n_ubatch: int = 512, bandwidth_gbs: float | None = None, flash_attn: bool = True,
-              log=sys.stderr, **model_kwargs) -> dict:
+              log=sys.stderr, compute_roof_gmacs: float | None = None, **model_kwargs) -> dict:
+    prompts = [n for n in ([n_prompt] if isinstance(n_prompt, int) else list(n_prompt)) if n > 0]
     max_depth = max(depths) if depths else 0
-    n_ctx = max(n_prompt, max_depth + n_gen) + 8
+    n_ctx = max(max(prompts, default=0), max_depth + n_gen) + 8
     t_load = time.perf_counter()
     m = Model(path, n_ctx=n_ctx, n_threads=threads, cache_type=cache_type, n_ubatch=n_ubatch, prefetch=True,
               flash_attn=flash_attn, **model_kwargs)
@@ -123,16 +146,16 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | N
     vocab = m.n_vocab
     results: list[BenchResult] = []
 
-    if n_prompt > 0:
-        res = BenchResult(f"pp{n_prompt}", 0, n_prompt)
-        toks = rng.integers(2, vocab, n_prompt)
+    for n_p in prompts:
+        res = BenchResult(f"pp{n_p}", 0, n_p)
+        toks = rng.integers(2, vocab, n_p)
         for rep in range(repetitions + 1):
             m.reset()
             dt = _timed(lambda: m.eval(toks, logits="last"))
             if rep:
-                res.tokens_per_s.append(n_prompt / dt)
+                res.tokens_per_s.append(n_p / dt)
         results.append(res)
-        print(f"  pp{n_prompt}: {res.mean:.2f} ± {res.std:.2f} t/s", file=log)
+        print(f"  pp{n_p}: {res.mean:.2f} ± {res.std:.2f} t/s ({n_p / res.mean:.2f} s)", file=log)
 
     compute_bytes = {}
     if n_gen > 0:
@@ -173,7 +196,9 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | N
         "cache_bytes_per_token": {"measured": measured, "theoretical": theory},
         "compute_bytes_by_depth": compute_bytes,
         "decode_weight_bytes": decode_bytes_per_token(m),
-        "results": [dict(asdict(r), mean=r.mean, std=r.std) for r in results],
+        "prefill_macs_per_token": prefill_macs_per_token(m),
+        "results": [dict(asdict(r), mean=r.mean, std=r.std, seconds=r.n_tokens / r.mean if r.test.startswith("pp")
+                         else None) for r in results],
         "load": load,
     }
     if bandwidth_gbs:
@@ -183,6 +208,10 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, threads: int | N
         tg0 = next((r for r in results if r.test.startswith("tg") and r.depth == min(depths)), None)
         if tg0 is not None:
             out["bandwidth_fraction"] = tg0.mean / floor
+    if compute_roof_gmacs:
+        out["compute_roof_gmacs"] = compute_roof_gmacs
+        out["compute_fraction"] = {r.test: r.mean * out["prefill_macs_per_token"] / (compute_roof_gmacs * 1e9)
+                                   for r in results if r.test.startswith("pp")}
     return out
 
 
@@ -251,10 +280,11 @@ def print_report(out: dict, stream=sys.stdout) -> None:
     rss = "" if load["rss_bytes"] is None else f", RSS after load {load['rss_bytes'] / 2**20:.1f} MiB"
     print(f"load: {load['seconds']:.2f} s{rss} (weights mapped; bench prefetches: every page read at load, "
           f"and the CPU copies made)", file=stream)
-    print(f"| test | depth | t/s |", file=stream)
-    print(f"|---|---|---|", file=stream)
+    print("| test | depth | t/s | seconds |", file=stream)
+    print("|---|---|---|---|", file=stream)
     for r in out["results"]:
-        print(f"| {r['test']} | {r['depth']} | {r['mean']:.2f} ± {r['std']:.2f} |", file=stream)
+        secs = f"{r['seconds']:.2f}" if r.get("seconds") is not None else ""
+        print(f"| {r['test']} | {r['depth']} | {r['mean']:.2f} ± {r['std']:.2f} | {secs} |", file=stream)
     c = out["cache_bytes_per_token"]
     print(f"cache bytes per context token: measured {c['measured']:.1f}, theoretical {c['theoretical']:.1f}",
           file=stream)
@@ -264,6 +294,11 @@ def print_report(out: dict, stream=sys.stdout) -> None:
     if "bandwidth_floor_tokens_per_s" in out:
         print(f"memory bandwidth {out['bandwidth_gbs']:.1f} GB/s -> floor {out['bandwidth_floor_tokens_per_s']:.1f} "
               f"t/s; tg reaches {out.get('bandwidth_fraction', 0):.0%} of it", file=stream)
+    if "compute_fraction" in out:
+        macs = out["prefill_macs_per_token"]
+        print(f"weight matrices per prompt token: {macs / 1e6:.1f} M multiply-accumulates; compute roof "
+              f"{out['compute_roof_gmacs']:.0f} GMAC/s -> " + ", ".join(
+                  f"{test} reaches {frac:.1%}" for test, frac in out["compute_fraction"].items()), file=stream)
     print(f"graph: {out['graph_nodes']} nodes, {out['graph_nodes_per_layer']:.0f} per layer, "
           f"{out['graph_splits']} backend splits, {out['graph_copies']} copies; compute buffer "
           + ", ".join(f"d{d}: {b / 2**20:.1f} MiB" for d, b in out["compute_bytes_by_depth"].items()), file=stream)
@@ -273,18 +308,26 @@ def main_args(args) -> int:
     depths = [int(x) for x in str(args.depth).split(",") if x != ""]
     if args.cache_type not in CACHE_TYPES:
         raise SystemExit(f"unknown cache type {args.cache_type}")
+    try:
+        prompts = [int(x) for x in str(args.n_prompt).split(",") if x != ""]
+    except ValueError:
+        raise SystemExit(f"-p needs token counts, e.g. 512 or 4096,16384, got {args.n_prompt!r}") from None
+    if not prompts or min(prompts) < 0:
+        raise SystemExit(f"-p needs non-negative token counts, got {args.n_prompt!r}")
     if args.seqs:
+        if len(prompts) > 1:
+            raise SystemExit("--seqs takes one -p value (the prompt length per sequence)")
         seqs = [int(x) for x in str(args.seqs).split(",") if x != ""]
         if not seqs or min(seqs) < 1:
             raise SystemExit(f"--seqs needs positive sequence counts, got {args.seqs!r}")
-        out = run_seqs_bench(args.model, seqs, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
+        out = run_seqs_bench(args.model, seqs, prompts[0], args.n_gen, args.threads, depths, args.repetitions,
                              args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
                              **backend_kwargs(args))
         report = print_seqs_report
     else:
-        out = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, depths, args.repetitions,
+        out = run_bench(args.model, prompts, args.n_gen, args.threads, depths, args.repetitions,
                         args.cache_type, args.ubatch, args.bandwidth, not args.no_flash_attn,
-                        **backend_kwargs(args))
+                        compute_roof_gmacs=args.compute_roof, **backend_kwargs(args))
         report = print_report
     if args.json:
         print(json.dumps(out, indent=2, default=str))

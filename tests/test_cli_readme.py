@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import dsv4_ggml
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "dsv4_ggml.cli"]
 
@@ -80,6 +82,31 @@ def test_cli_bench_reports_load_time_and_rss(tmp_path):
     load = next(line for line in r.stdout.splitlines() if line.startswith("load: "))
     seconds, rss = float(load.split()[1]), float(load.split("RSS after load ")[1].split()[0])
     assert 0 < seconds < 60 and rss > 0
+
+
+def test_cli_bench_long_prompt_list_and_compute_roof(tmp_path):
+    """-p takes a list (one pp test each, with its seconds); --compute-roof gives pp's fraction of
+    it from the weight matrices' multiply-accumulates per prompt token."""
+    import json
+
+    from dsv4_ggml.bench import prefill_macs_per_token
+
+    out = tmp_path / "m.gguf"
+    assert run("tiny", str(out)).returncode == 0
+    r = run("bench", "-m", str(out), "-p", "8,24", "-n", "0", "-r", "1", "-t", "1", "--compute-roof", "1000", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    pp = {x["test"]: x for x in res["results"]}
+    assert set(pp) == {"pp8", "pp24"} and all(abs(x["seconds"] * x["mean"] - x["n_tokens"]) < 1e-6 * x["n_tokens"]
+                                            for x in pp.values())
+    with dsv4_ggml.Model(out, n_ctx=8) as m:
+        hp, macs = m.hparams, prefill_macs_per_token(m)
+    D, F, K = hp["n_embd"], hp["expert_ff"][0], hp["n_expert_used"]
+    assert macs > 3 * D * F * (1 + K) * hp["n_layer"]     # at least the shared and K routed experts
+    assert res["prefill_macs_per_token"] == macs
+    for name, frac in res["compute_fraction"].items():
+        assert frac == pytest.approx(pp[name]["mean"] * macs / 1e12)
+    assert run("bench", "-m", str(out), "-p", "8,x").returncode != 0
 
 
 def test_cli_reports_a_bad_file_without_a_traceback(tmp_path):

@@ -7,7 +7,9 @@ from ..cli_options import add_backend_arguments
 
 def add_arguments(b) -> None:
     b.add_argument("-m", "--model", required=True, help="a DeepSeek-V4 .gguf file")
-    b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0: skip pp; default 512)")
+    b.add_argument("-p", "--n-prompt", default="512",
+                   help="prompt tokens, or a comma-separated list (e.g. 4096,16384,32768: one pp test each, "
+                        "timed in t/s and seconds); 0: skip pp (default 512)")
     b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0: skip tg; default 128)")
     b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     b.add_argument("-d", "--depth", default="0", help="comma-separated context depths for tg (default 0)")
@@ -22,6 +24,9 @@ def add_arguments(b) -> None:
     add_backend_arguments(b)
     b.add_argument("--bandwidth", type=float, default=None,
                    help="measured memory read bandwidth in GB/s (benchmarks/membw) for the floor")
+    b.add_argument("--compute-roof", type=float, default=None, metavar="GMAC/S",
+                   help="measured peak multiply-accumulates per second of the matrix unit the weights use "
+                        "(benchmarks/computeroof, e.g. its amx_int8 line): pp's fraction of it")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.add_argument("--draft", nargs="?", const="oracle", default=None, metavar="DRAFT.gguf",
                    help="speculative decoding: verify-step cost, oracle drafts at forced acceptance rates "
