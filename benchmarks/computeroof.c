@@ -52,43 +52,24 @@ static void amx_config(void) {
     _tile_loadconfig(&cfg);
 }
 
-// 4 accumulators (tmm0-3) from 2 A tiles x 2 B tiles, as ggml's 2x2 blocking
-static uint64_t amx_int8(double seconds) {
-    uint64_t iters = 0;
-#pragma omp parallel reduction(+ : iters)
-    {
-        static __thread int8_t buf[16 * 64] __attribute__((aligned(64)));
-        amx_config();
-        _tile_loadd(4, buf, 64);
-        _tile_loadd(5, buf, 64);
-        _tile_loadd(6, buf, 64);
-        _tile_loadd(7, buf, 64);
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        const double t_end = now() + seconds;
-        uint64_t n = 0;
-        while (now() < t_end) {
-            for (int i = 0; i < 1024; ++i) {
-                _tile_dpbssd(0, 4, 6);
-                _tile_dpbssd(1, 4, 7);
-                _tile_dpbssd(2, 5, 6);
-                _tile_dpbssd(3, 5, 7);
-            }
-            n += 4 * 1024;
-        }
-        _tile_release();
-        iters += n;
+// 4 accumulators (tmm0-3) from 2 A tiles x 2 B tiles, as ggml's 2x2 blocking; `dp` is the tile
+// instruction, each a 16 x 16 x (64 int8 or 32 bf16) block of multiply-accumulates
+#define AMX_LOOP(dp)                                                                           \
+    while (now() < t_end) {                                                                    \
+        for (int i = 0; i < 1024; ++i) {                                                       \
+            dp(0, 4, 6);                                                                       \
+            dp(1, 4, 7);                                                                       \
+            dp(2, 5, 6);                                                                       \
+            dp(3, 5, 7);                                                                       \
+        }                                                                                      \
+        n += 4 * 1024;                                                                         \
     }
-    return iters * 16 * 16 * 64;
-}
 
-static uint64_t amx_bf16(double seconds) {
+static uint64_t amx_peak(double seconds, int bf16) {
     uint64_t iters = 0;
 #pragma omp parallel reduction(+ : iters)
     {
-        static __thread uint16_t buf[16 * 32] __attribute__((aligned(64)));
+        static __thread int8_t buf[16 * 64] __attribute__((aligned(64)));   // 16 rows of 64 bytes
         amx_config();
         _tile_loadd(4, buf, 64);
         _tile_loadd(5, buf, 64);
@@ -100,19 +81,15 @@ static uint64_t amx_bf16(double seconds) {
         _tile_zero(3);
         const double t_end = now() + seconds;
         uint64_t n = 0;
-        while (now() < t_end) {
-            for (int i = 0; i < 1024; ++i) {
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
-            n += 4 * 1024;
+        if (bf16) {
+            AMX_LOOP(_tile_dpbf16ps)
+        } else {
+            AMX_LOOP(_tile_dpbssd)
         }
         _tile_release();
         iters += n;
     }
-    return iters * 16 * 16 * 32;
+    return iters * 16 * 16 * (bf16 ? 32 : 64);
 }
 #endif
 
@@ -186,10 +163,10 @@ int main(int argc, char ** argv) {
 #if defined(__AMX_INT8__) && defined(__AMX_BF16__)
     if (amx_enable()) {
         double t = now();
-        uint64_t macs = amx_int8(seconds);
+        uint64_t macs = amx_peak(seconds, 0);
         printf("amx_int8 %.1f GMAC/s\n", (double) macs / (now() - t) / 1e9);
         t = now();
-        macs = amx_bf16(seconds);
+        macs = amx_peak(seconds, 1);
         printf("amx_bf16 %.1f GMAC/s\n", (double) macs / (now() - t) / 1e9);
     } else {
         printf("amx: the kernel refused the tile state (arch_prctl)\n");

@@ -93,15 +93,14 @@ def prefill_macs_per_token(model: Model) -> float:
     k, e = hp["n_expert_used"], hp["n_expert"]
     macs = 0.0
     for t in model.tensors:
+        if t.name == "output_hc_fn.weight":   # the output HC mix
+            macs += float(np.prod(t.shape))
         if len(t.shape) < 2 or not t.name.startswith("blk.") or "_ape" in t.name or "tid2eid" in t.name:
             continue
         if int(t.name.split(".")[1]) >= hp["n_layer"] or "nextn" in t.name:
             continue
         n = float(np.prod(t.shape))
         macs += n * k / e if "_exps." in t.name else n
-    for t in model.tensors:   # the output HC mix
-        if t.name == "output_hc_fn.weight":
-            macs += float(np.prod(t.shape))
     return macs
 
 

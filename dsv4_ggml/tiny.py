@@ -67,14 +67,6 @@ RECIPES: dict[str, dict[str, str]] = {
                "blk.*": "q4_1", "token_embd.weight": "q8_0", "output.weight": "f16"},
 }
 
-# llama.cpp's DSpark draft head (its `dflash` arch), bundled into a target file: name -> ne
-# (ggml order) from the config; the engine ignores these tensors (codegen/v4.py foreign_family)
-def _dspark_tensors(cfg: "TinyConfig", w: "_Weights") -> list[tuple[str, np.ndarray]]:
-    r, D, V = cfg.dspark_rank, cfg.n_embd, cfg.n_vocab
-    return [("fc.weight", w.matrix(2 * D, D)), ("enc.output_norm.weight", w.normal(0.1, D, mean=1.0)),
-            ("markov_w1.weight", w.matrix(r, V)), ("markov_w2.weight", w.matrix(r, V)),
-            ("markov_w2.scale", w.uniform(0.5, 1.5, 1)), ("conf_proj.weight", w.matrix(D + r, 1)),
-            ("conf_proj.bias", w.normal(0.1, 1))]
 QUANTIZED = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight",
              "attn_output_a.weight", "attn_output_b.weight", "indexer.attn_q_b.weight", "ffn_gate_exps.weight",
              "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
@@ -268,6 +260,16 @@ class _Repeated:
     def expand(self, converted: np.ndarray) -> np.ndarray:
         reps = -(-self.total // converted.shape[0])
         return np.concatenate([converted] * reps)[:self.total]
+
+
+# llama.cpp's DSpark draft head (its `dflash` arch), bundled into a target file: name -> ne
+# (ggml order) from the config; the engine ignores these tensors (codegen/v4.py foreign_family)
+def _dspark_tensors(cfg: TinyConfig, w: _Weights) -> list[tuple[str, np.ndarray]]:
+    r, D, V = cfg.dspark_rank, cfg.n_embd, cfg.n_vocab
+    return [("fc.weight", w.matrix(2 * D, D)), ("enc.output_norm.weight", w.normal(0.1, D, mean=1.0)),
+            ("markov_w1.weight", w.matrix(r, V)), ("markov_w2.weight", w.matrix(r, V)),
+            ("markov_w2.scale", w.uniform(0.5, 1.5, 1)), ("conf_proj.weight", w.matrix(D + r, 1)),
+            ("conf_proj.bias", w.normal(0.1, 1))]
 
 
 def _layer_tensors(cfg: TinyConfig, w: _Weights, il: int, mtp: bool) -> list[tuple[str, np.ndarray]]:

@@ -71,6 +71,19 @@ def rel_err(a, ref):
     return np.abs(a - ref).max(axis=-1) / np.abs(ref).max(axis=-1)
 
 
+def assert_near_reference(label: str, path, got: np.ndarray, prompt, bounds: tuple[float, float]) -> None:
+    """The engine's logits `got` on `prompt` within `bounds` = (bound, measured worst) of the float64
+    reference on the same file, and the same argmax at > 90% of the positions."""
+    ref = Reference(path).eval(prompt)
+    err = rel_err(got, ref)
+    bound, measured = bounds
+    agree = (got.argmax(1) == ref.argmax(1)).mean()
+    print(f"{label}, worst {err.max():.2e} (measured {measured:.1e}), median {np.median(err):.2e}, "
+          f"argmax {agree:.1%}")
+    assert err.max() < bound
+    assert agree > 0.9
+
+
 @pytest.fixture(scope="module")
 def prompt():
     return np.random.default_rng(0).integers(2, 512, 300)
@@ -84,15 +97,8 @@ def test_quantized_weights_within_measured_bound(tmp_path, prompt, wtype):
     assert wtype in types   # rows too narrow for the type's blocks fall back to q8_0 (like llama-quantize)
     m = dsv4_ggml.Model(path, n_ctx=512, cache_type="f32")
     assert wtype in {t.type.lower() for t in m.tensors}
-    got = m.eval(prompt)
-    ref = Reference(path).eval(prompt)
-    err = rel_err(got, ref)
-    bound, measured = WEIGHT_BOUNDS[wtype]
-    agree = (got.argmax(1) == ref.argmax(1)).mean()
-    print(f"{wtype}: {path.stat().st_size / 1024:.0f} KiB, worst {err.max():.2e} (measured {measured:.1e}), "
-          f"median {np.median(err):.2e}, argmax {agree:.1%}")
-    assert err.max() < bound
-    assert agree > 0.9
+    assert_near_reference(f"{wtype}: {path.stat().st_size / 1024:.0f} KiB", path, m.eval(prompt), prompt,
+                          WEIGHT_BOUNDS[wtype])
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -108,14 +114,7 @@ def test_quant_mix_recipes_within_measured_bound(tmp_path, prompt, recipe):
     with dsv4_ggml.Model(path, n_ctx=512, cache_type="f32") as m:
         assert {t.name: t.type.lower() for t in m.tensors if t.name in cfg["tensor_types"]} == cfg["tensor_types"]
         got = m.eval(prompt)
-    ref = Reference(path).eval(prompt)
-    err = rel_err(got, ref)
-    bound, measured = RECIPE_BOUNDS[recipe]
-    agree = (got.argmax(1) == ref.argmax(1)).mean()
-    print(f"recipe {recipe}: {sorted(wanted)}, worst {err.max():.2e} (measured {measured:.1e}), "
-          f"median {np.median(err):.2e}, argmax {agree:.1%}")
-    assert err.max() < bound
-    assert agree > 0.9
+    assert_near_reference(f"recipe {recipe}: {sorted(wanted)}", path, got, prompt, RECIPE_BOUNDS[recipe])
 
 
 def test_recipes_cover_every_weight_type():

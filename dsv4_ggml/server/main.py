@@ -64,7 +64,8 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, n_c
             if draft is not None:
                 raise SystemExit("dsv4-ggml serve: --draft mtp and --draft-model exclude each other")
             draft = Model(draft_model, n_ctx=n_ctx, n_threads=n_threads, backend=backend, n_ubatch=n_ubatch,
-                          cache_type=cache_type, flash_attn=flash_attn, repack=repack, n_seq=model.n_seq)
+                          cache_type=cache_type, flash_attn=flash_attn, repack=repack, n_seq=model.n_seq,
+                          copy_limit=copy_limit)
     finally:
         if temporary:     # loaded (mapped) already; uvicorn ends a SIGTERM by the signal, so no atexit
             import shutil

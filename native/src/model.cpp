@@ -323,11 +323,14 @@ std::unique_ptr<dsv4_model> open_model(const std::string & path, const dsv4_mode
         t.nbytes = ti.nbytes;
         t.file = int32_t(ti.part);
         const ggml_tensor * w = ggml_get_tensor(m->ctx_meta, ti.name.c_str());
-        const bool mapped = w == nullptr || w->buffer == nullptr ||
-                            std::find(m->weights_bufs.begin(), m->weights_bufs.end(), w->buffer) != m->weights_bufs.end();
-        t.placement = w == nullptr ? "ignored"   // a foreign tensor (check_all_used let only those through)
-                      : mapped     ? "mapped"
-                                   : ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
+        if (w == nullptr) {   // a foreign tensor (check_all_used let only those through)
+            t.placement = "ignored";
+        } else if (w->buffer == nullptr ||
+                   std::find(m->weights_bufs.begin(), m->weights_bufs.end(), w->buffer) != m->weights_bufs.end()) {
+            t.placement = "mapped";
+        } else {
+            t.placement = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
+        }
         m->table.push_back(t);
     }
     return m;
